@@ -1,0 +1,5 @@
+import sys
+
+from mmunlearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The ``mmunlearn`` command line. Every problem the user can fix ends as one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from mmunlearn import config as C
+from mmunlearn.errors import MMUError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of options")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mmunlearn", description="Machine unlearning for multimodal LLMs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-data", help="generate the built-in benchmark, or convert a real one")
+    p.add_argument("--out", required=True, help="benchmark directory to write")
+    p.add_argument("--from", dest="source", nargs=2, metavar=("FORMAT", "PATH"),
+                   help="convert a local copy: mllmu-bench | clear | mmubench, and its path")
+    _common(p)
+
+    p = sub.add_parser("finetune", help="vanilla fine-tuning: teach a model the benchmark")
+    p.add_argument("--data", required=True, help="benchmark directory")
+    p.add_argument("--model", default="tiny", help="'tiny' (built-in) or a model directory")
+    p.add_argument("--family", help="model family (tiny, llava, qwen2-vl); default: from config.json")
+    p.add_argument("--out", required=True, help="output model directory")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="score a model on every split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", help="results JSON (a Markdown table is written beside it)")
+    _common(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in benchmark with the tiny model")
+    p.add_argument("--workdir", default="runs/demo", help="where data, models and the report go")
+    p.add_argument("--fast", action="store_true", help="a reduced configuration (for smoke tests)")
+    _common(p)
+    return ap
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def run(args: argparse.Namespace) -> None:
+    from mmunlearn import commands as cmd
+
+    progress = not args.quiet
+    if args.command == "make-data":
+        if args.source:
+            from mmunlearn.data.convert import convert
+
+            fmt, path = args.source
+            opts = C.merge(C.read_yaml(args.config) if args.config else {}, C.parse_overrides(args.set))
+            bench = convert(fmt, path, args.out, overwrite=args.overwrite, **opts)
+        else:
+            from mmunlearn.data.fictitious import FictitiousConfig
+
+            bench = cmd.make_data(args.out, C.load(FictitiousConfig, args.config, args.set), args.overwrite)
+        print(f"wrote {len(bench.examples)} examples to {args.out}")
+    elif args.command == "finetune":
+        from mmunlearn.train.finetune import FinetuneConfig
+
+        cfg = C.load(FinetuneConfig, args.config, args.set)
+        rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress)
+        print(f"wrote {args.out} (trained in {rec['log']['train_seconds']} s)")
+    elif args.command == "evaluate":
+        from mmunlearn.eval.runner import EvalConfig
+
+        res = cmd.run_evaluate(args.data, args.model, C.load(EvalConfig, args.config, args.set), args.out, progress)
+        print(cmd.results_markdown({args.model: res}))
+        if args.out:
+            print(f"wrote {args.out}")
+    elif args.command == "demo":
+        from mmunlearn.demo import DemoConfig, run_demo
+
+        cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast})
+        report = run_demo(args.workdir, cfg, progress=progress)
+        print(f"report: {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        run(args)
+    except MMUError as e:
+        print(f"mmunlearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""What each CLI command does, as plain functions (the CLI only parses arguments and prints)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mmunlearn import config as C
+from mmunlearn.data.fictitious import FictitiousConfig, make_fictitious
+from mmunlearn.data.schema import Benchmark
+from mmunlearn.errors import ConfigError, ModelError
+from mmunlearn.eval.runner import EvalConfig, evaluate
+from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter
+from mmunlearn.models.llava import LlavaAdapter
+from mmunlearn.models.tiny import TinyConfig, build_tiny
+from mmunlearn.outputs import atomic_dir, write_json
+from mmunlearn.train.finetune import FinetuneConfig, finetune
+
+RUN_FILE = "mmunlearn_run.json"
+
+
+def benchmark_corpus(bench: Benchmark) -> list[str]:
+    """Every text the benchmark can ask or answer, for the tiny model's tokenizer."""
+    texts = [f"{e.prompt} {e.answer}" for e in bench.examples]
+    texts += [" ".join(e.options) for e in bench.examples if e.options]
+    texts += list(bench.info.get("unseen_names", []))
+    return texts + ["USER: ASSISTANT:"] * 50
+
+
+def open_model(model: str, bench: Benchmark | None = None, family: str | None = None) -> ModelAdapter:
+    """``tiny`` builds the embedded model for ``bench``; anything else is a model directory (or hub id)."""
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    if model == "tiny" or family == "tiny" and not Path(model).is_dir():
+        if bench is None:
+            raise ConfigError("the tiny model is built from a benchmark: pass --data")
+        m, p = build_tiny(benchmark_corpus(bench), TinyConfig())
+        return LlavaAdapter(m.to("cuda" if torch.cuda.is_available() else "cpu"), p)
+    if not Path(model).exists() and family is None:
+        raise ModelError(f"model directory does not exist: {model}")
+    return load_adapter(model, family=family)
+
+
+def make_data(out: str, cfg: FictitiousConfig, overwrite: bool = False) -> Benchmark:
+    return make_fictitious(out, cfg, overwrite=overwrite)
+
+
+def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: str | None = None,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    bench = Benchmark.load(data)
+    protect = (model,) if Path(model).is_dir() else ()
+    with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
+        adapter = open_model(model, bench, family)
+        log = finetune(adapter, bench, cfg, progress=progress,
+                       checkpoint=lambda step: adapter.save(tmp / "checkpoints" / f"step-{step}"))
+        export(adapter, tmp, merge=True)
+        record = {"command": "finetune", "data": str(Path(data).resolve()), "base_model": model,
+                  "config": C.to_dict(cfg), "log": log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(tmp / RUN_FILE, record)
+    return record
+
+
+def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
+    """Save an ordinary model directory; a LoRA model is merged, or saved as a PEFT adapter if merge=False."""
+    from peft import PeftModel
+
+    model = adapter.model
+    if isinstance(model, PeftModel):
+        if merge:
+            adapter.model = model.merge_and_unload()
+        else:
+            model.save_pretrained(out)
+            adapter.processor.save_pretrained(out)
+            return
+    adapter.save(out)
+
+
+def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None, progress: bool = True) -> dict:
+    bench = Benchmark.load(data)
+    bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
+    adapter = open_model(model, bench)
+    t0 = time.time()
+    res = {"model": model, "data": str(Path(data).resolve()), "config": C.to_dict(cfg),
+           "results": evaluate(adapter, bench, cfg, progress=progress)}
+    res["seconds"] = round(time.time() - t0, 1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, res)
+        Path(out).with_suffix(".md").write_text(results_markdown({"model": res}))
+    return res
+
+
+COLUMNS = [
+    ("forget", "vqa", "mc_acc"), ("forget", "qa", "mc_acc"), ("retain", "vqa", "mc_acc"), ("retain", "qa", "mc_acc"),
+    ("test", "vqa", "mc_acc"), ("test", "qa", "mc_acc"), ("utility", "vqa", "mc_acc"), ("utility", "qa", "mc_acc"),
+    ("forget", "vqa", "name_rate"), ("test", "vqa", "name_rate"), ("retain", "vqa", "name_rate"),
+    ("forget", "qa", "gen_rougeL"), ("forget", "vqa", "cloze_acc"), ("forget", "qa", "cloze_acc"),
+]
+
+
+def results_markdown(rows: dict[str, dict]) -> str:
+    """One row per model: MC accuracy (%) per split and kind, name rate on identity questions, ROUGE-L."""
+    cols = [c for c in COLUMNS if any(c[2] in r["results"].get(c[0], {}).get(c[1], {}) for r in rows.values())]
+    head = "| model | " + " | ".join(f"{s} {k.upper()} {m}" for s, k, m in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, r in rows.items():
+        cells = []
+        for s, k, m in cols:
+            v = r["results"].get(s, {}).get(k, {}).get(m)
+            cells.append("–" if v is None else (f"{v:.3f}" if m == "gen_rougeL" else f"{v:.1f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_results(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"results file does not exist: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e.msg})") from e

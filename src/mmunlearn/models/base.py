@@ -1,0 +1,160 @@
+"""The model-adapter interface: everything family-specific about an MLLM, as data plus a few methods.
+
+Methods and evaluation only ever talk to an adapter: it builds chat prompts and processor inputs, masks labels
+to answer tokens (after the processor has expanded image placeholders), names the parameter groups, generates
+in batches and saves ordinary ``save_pretrained`` directories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+from mmunlearn.errors import ModelError
+
+IGNORE = -100
+
+
+@dataclass
+class Item:
+    """What an adapter encodes: a prompt, an optional answer, an optional image."""
+
+    prompt: str
+    answer: str = ""
+    image: Image.Image | None = None
+
+
+class ModelAdapter:
+    """Base class; a family sets the class attributes and may override the prompt methods."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    # parameter-name prefixes of each group, matched against model.named_parameters()
+    group_prefixes: ClassVar[dict[str, tuple[str, ...]]]
+    # text placed between the assistant header and the answer, and after the answer
+    answer_sep: ClassVar[str] = ""
+
+    def __init__(self, model: torch.nn.Module, processor, path: str | Path | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.path = Path(path) if path is not None else None
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @staticmethod
+    def load_processor(path: str | Path, **kwargs):
+        """The processor of a model directory."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, **kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def prompt_text(self, prompt: str, has_image: bool) -> str:
+        """The chat-formatted prompt, ending where the assistant's answer begins."""
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    @property
+    def answer_end(self) -> str:
+        """Text that closes an answer in training data (the end-of-turn token)."""
+        return self.tokenizer.eos_token
+
+    # ---- encoding ------------------------------------------------------------------------------------
+    def _process(self, texts: list[str], images: list[Image.Image], padding_side: str) -> dict:
+        self.tokenizer.padding_side = padding_side
+        return self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+
+    def encode(self, items: list[Item], with_answer: bool = True) -> dict[str, torch.Tensor]:
+        """Processor inputs; with answers, right-padded with ``labels`` on answer tokens only.
+
+        Without answers the batch is left-padded for generation. ``answer_start`` gives, per row, the position
+        of the first answer token (after image-token expansion), so losses can find answer spans.
+        """
+        prompts = [self.prompt_text(it.prompt, it.image is not None) for it in items]
+        images = [it.image for it in items if it.image is not None]
+        if not with_answer:
+            return dict(self._process(prompts, images, "left"))
+        texts = [p + self.answer_sep + it.answer + self.answer_end for p, it in zip(prompts, items)]
+        full = dict(self._process(texts, images, "right"))
+        plen = self._process(prompts, images, "right")["attention_mask"].sum(1)
+        labels = full["input_ids"].clone()
+        labels[full["attention_mask"] == 0] = IGNORE
+        for i, n in enumerate(plen.tolist()):
+            labels[i, :n] = IGNORE
+        full["labels"] = labels
+        full["answer_start"] = plen
+        return full
+
+    def prefix_lengths(self, items: list[Item], prefixes: list[str]) -> torch.Tensor:
+        """Token length of prompt + the given answer prefixes (for locating a phrase inside an answer).
+
+        A prefix's trailing whitespace is left to the next word (tokenizers attach a space to the word after
+        it); an empty prefix gives the answer start.
+        """
+        prompts = [self.prompt_text(it.prompt, it.image is not None)
+                   + (self.answer_sep + pre.rstrip() if pre.strip() else "")
+                   for it, pre in zip(items, prefixes, strict=True)]
+        images = [it.image for it in items if it.image is not None]
+        return self._process(prompts, images, "right")["attention_mask"].sum(1)
+
+    # ---- parameters ----------------------------------------------------------------------------------
+    def group_of(self, name: str) -> str | None:
+        for group, prefixes in self.group_prefixes.items():
+            if any(name.startswith(p) for p in prefixes):
+                return group
+        return None
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names per group ('vision', 'projector', 'language'); every parameter lands in one."""
+        groups: dict[str, list[str]] = {g: [] for g in self.group_prefixes}
+        for name, _ in self.model.named_parameters():
+            g = self.group_of(name)
+            if g is None:
+                raise ModelError(f"{self.family}: parameter {name!r} belongs to no group; update group_prefixes")
+            groups[g].append(name)
+        return groups
+
+    def image_features(self, pixel_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Projected image tokens per image, (n_tokens, hidden) each: what the LM sees of an image."""
+        out = self.model.model.get_image_features(**pixel_inputs)
+        return list(out.pooler_output)
+
+    # ---- generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, items: list[Item], max_new_tokens: int = 32) -> list[str]:
+        """Greedy batched generation; stops once every sequence has ended."""
+        enc = self.to_device(self.encode(items, with_answer=False))
+        out = self.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_token_ids(),
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(self.answer_end)]
+
+    def to_device(self, batch: dict) -> dict:
+        dev = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dev)
+                if v.is_floating_point():
+                    v = v.to(dtype)
+            out[k] = v
+        return out
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        """An ordinary transformers directory (safetensors) that ``from_pretrained`` loads."""
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
