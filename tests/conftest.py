@@ -1,10 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["MMUNLEARN_CACHE"] = tempfile.mkdtemp(prefix="mmunlearn-test-cache-")
 # Tiny models gain nothing from threads, and threads that spin-wait collapse when another process shares the
 # cores; MMU_TEST_THREADS raises it.
 torch.set_num_threads(int(os.environ.get("MMU_TEST_THREADS", "1")))

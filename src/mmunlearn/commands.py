@@ -12,6 +12,7 @@ from mmunlearn import config as C
 from mmunlearn.data.fictitious import FictitiousConfig, make_fictitious
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError, ModelError
+from mmunlearn.eval.cache import EvalCache, default_cache_dir, fingerprint
 from mmunlearn.eval.runner import EvalConfig, evaluate
 from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter
 from mmunlearn.models.llava import LlavaAdapter
@@ -82,10 +83,18 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
     bench = Benchmark.load(data)
     bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
     adapter = open_model(model, bench)
+    reference = open_model(cfg.reference, bench) if cfg.reference else None
+    cache = None
+    if cfg.cache and Path(model).is_dir():
+        cache = EvalCache(
+            cfg.cache_dir or default_cache_dir(), fingerprint(model), fingerprint(Path(data) / "examples.jsonl"),
+            fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg),
+        )
     t0 = time.time()
     res = {"model": model, "data": str(Path(data).resolve()), "config": C.to_dict(cfg),
-           "results": evaluate(adapter, bench, cfg, progress=progress)}
+           "results": evaluate(adapter, bench, cfg, progress=progress, cache=cache, reference=reference)}
     res["seconds"] = round(time.time() - t0, 1)
+    res["cached_units"] = cache.hits if cache else 0
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, res)

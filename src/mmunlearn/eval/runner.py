@@ -19,11 +19,15 @@ from mmunlearn.data.batches import ImageCache, to_items
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.eval import metrics
+from mmunlearn.eval.cache import EvalCache
 from mmunlearn.eval.scoring import rank_options
 from mmunlearn.models.base import Item, ModelAdapter
 
 LETTERS = "ABCD"
 MC_SUFFIX = "Just give ONE letter representing the answer directly."
+
+
+PROTOCOLS = ("mmubench", "mllmu", "clear")
 
 
 @dataclass
@@ -34,10 +38,18 @@ class EvalConfig:
     max_new_tokens: int = 24
     mc_mode: str = "likelihood"
     samples: int = 3  # example generations kept per split and kind
+    protocols: tuple[str, ...] = PROTOCOLS  # summaries added on top of the per-split scores
+    judge: str = "keyword"  # MMUBench G-Eval judge: keyword | embedding | http:<url>|<model>
+    reference: str | None = None  # the original (vanilla) model, for C-Dis, fluency and MIA ROUGE
+    cache: bool = True
+    cache_dir: str | None = None  # default: $MMUNLEARN_CACHE or ~/.cache/mmunlearn, then /eval
 
     def __post_init__(self) -> None:
         if self.mc_mode not in ("likelihood", "letter"):
             raise ConfigError(f"mc_mode must be 'likelihood' or 'letter', got {self.mc_mode!r}")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise ConfigError(f"unknown protocol(s) {bad}; available: {', '.join(PROTOCOLS)}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be >= 1")
 
@@ -69,43 +81,107 @@ def score_mc(adapter: ModelAdapter, ex: list[Example], images: ImageCache, cfg: 
 
 def evaluate(
     adapter: ModelAdapter, bench: Benchmark, cfg: EvalConfig, forget: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool = True, cache: EvalCache | None = None, reference: ModelAdapter | None = None,
 ) -> dict:
-    """Scores per split and kind; ``forget`` overrides the named forget set with explicit entity ids."""
-    images = ImageCache(bench)
+    """Scores per split and kind, then the protocol summaries; ``forget`` overrides the named forget set.
+
+    With a ``cache`` every (split, kind) unit and protocol is stored as soon as it is computed, and reused.
+    """
     fset = forget if forget is not None else cfg.forget_set
-    names = bench.info.get("names") or {k: v.get("name") for k, v in bench.info.get("entities", {}).items()}
     adapter.model.eval()
     results: dict = {}
     todo = [(s, k) for s in cfg.splits for k in ("vqa", "qa")]
     for split, kind in tqdm(todo, desc="evaluate", disable=not progress, leave=False):
-        ex = bench.select(split, fset, purpose="eval", kind=kind)
-        if not ex:
-            continue
-        r: dict = {}
-        mc = [e for e in ex if e.task == "mc"]
-        if mc:
-            pred = score_mc(adapter, mc, images, cfg)
-            r["mc_acc"] = metrics.mc_accuracy(pred, [e.answer_index for e in mc])
-            r["mc_n"] = len(mc)
-        gen = [e for e in ex if e.task in ("gen", "cloze")]
-        if gen:
-            outs = generate(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
-            g = [(e, o) for e, o in zip(gen, outs) if e.task == "gen"]
-            c = [(e, o) for e, o in zip(gen, outs) if e.task == "cloze"]
-            if g:
-                r["gen_em"] = 100 * sum(normalise(o) == normalise(e.answer) for e, o in g) / len(g)
-                r["gen_rougeL"] = sum(metrics.rouge(o, e.answer)["rougeL"] for e, o in g) / len(g)
-                r["gen_n"] = len(g)
-                ident = [(e, o) for e, o in g if e.qtype == "identity" and names.get(e.entity)]
-                if ident:
-                    r["name_rate"] = 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in ident) / len(ident)
-            if c:
-                r["cloze_acc"] = metrics.cloze_accuracy([o for _, o in c], [e.answer for e, _ in c])
-                r["cloze_n"] = len(c)
-            r["samples"] = [
-                {"prompt": e.prompt, "image": e.image, "answer": e.answer, "output": o}
-                for e, o in list(zip(gen, outs))[: cfg.samples]
-            ]
-        results.setdefault(split, {})[kind] = r
+        unit = f"{split}-{kind}"
+        r = cache.get(unit) if cache else None
+        if r is None:
+            r = _score_unit(adapter, bench, bench.select(split, fset, purpose="eval", kind=kind), cfg)
+            if cache:
+                cache.put(unit, r)
+        if r:
+            results.setdefault(split, {})[kind] = r
+    if "mmubench" in cfg.protocols:
+        from mmunlearn.eval.concept import concept_metrics
+        from mmunlearn.eval.judges import make_judge
+
+        entities = sorted(bench.forget_set(fset) if isinstance(fset, str) else fset)
+        r = cache.get("mmubench") if cache else None
+        if r is None:
+            r = concept_metrics(adapter, bench, entities, reference, make_judge(cfg.judge), cfg.batch_size,
+                                cfg.max_new_tokens)
+            if cache:
+                cache.put("mmubench", r)
+        results["mmubench"] = r
+    if "mllmu" in cfg.protocols:
+        results["mllmu"] = mllmu_summary(results)
+    if "clear" in cfg.protocols:
+        results["clear"] = clear_summary(results)
     return results
+
+
+def mllmu_summary(results: dict) -> dict[str, float]:
+    """MLLMU-Bench's table: MC accuracy, cloze accuracy, ROUGE-L and BLEU per split and VQA/QA."""
+    out = {}
+    for split in ("forget", "test", "retain", "real"):
+        for kind in ("vqa", "qa"):
+            r = results.get(split, {}).get(kind, {})
+            for key, name in (("mc_acc", "mc"), ("cloze_acc", "cloze"), ("gen_rougeL", "rougeL"), ("gen_bleu", "bleu")):
+                if key in r:
+                    out[f"{split}_{kind}_{name}"] = r[key]
+    return out
+
+
+def clear_summary(results: dict) -> dict[str, float]:
+    """CLEAR's table: name multiple choice on forget/retain, generation ROUGE-L, text QA against its own
+    answers, and real-world accuracy."""
+    out = {}
+    for split in ("forget", "retain"):
+        r = results.get(split, {})
+        if "mc_acc_identity" in r.get("vqa", {}):
+            out[f"{split}_name_mc"] = r["vqa"]["mc_acc_identity"]
+        if "gen_rougeL" in r.get("vqa", {}):
+            out[f"{split}_vqa_rougeL"] = r["vqa"]["gen_rougeL"]
+        if "gen_rougeL" in r.get("qa", {}):
+            out[f"{split}_textqa_rougeL"] = r["qa"]["gen_rougeL"]
+    for kind in ("vqa", "qa"):
+        if "mc_acc" in results.get("real", {}).get(kind, {}):
+            out[f"real_{kind}_acc"] = results["real"][kind]["mc_acc"]
+    return out
+
+
+def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg: EvalConfig) -> dict:
+    """Every metric of one split and kind."""
+    images = ImageCache(bench)
+    names = bench.info.get("names") or {k: v.get("name") for k, v in bench.info.get("entities", {}).items()}
+    r: dict = {}
+    if not ex:
+        return r
+    mc = [e for e in ex if e.task == "mc"]
+    if mc:
+        pred = score_mc(adapter, mc, images, cfg)
+        r["mc_acc"] = metrics.mc_accuracy(pred, [e.answer_index for e in mc])
+        r["mc_n"] = len(mc)
+        ident = [(p, e) for p, e in zip(pred, mc) if e.qtype == "identity"]
+        if ident:
+            r["mc_acc_identity"] = metrics.mc_accuracy([p for p, _ in ident], [e.answer_index for _, e in ident])
+    gen = [e for e in ex if e.task in ("gen", "cloze")]
+    if gen:
+        outs = generate(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
+        g = [(e, o) for e, o in zip(gen, outs) if e.task == "gen"]
+        c = [(e, o) for e, o in zip(gen, outs) if e.task == "cloze"]
+        if g:
+            r["gen_em"] = 100 * sum(normalise(o) == normalise(e.answer) for e, o in g) / len(g)
+            scores = metrics.generation_scores([o for _, o in g], [e.answer for e, _ in g])
+            r.update({f"gen_{k}": v for k, v in scores.items()})
+            r["gen_n"] = len(g)
+            ident = [(e, o) for e, o in g if e.qtype == "identity" and names.get(e.entity)]
+            if ident:
+                r["name_rate"] = 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in ident) / len(ident)
+        if c:
+            r["cloze_acc"] = metrics.cloze_accuracy([o for _, o in c], [e.answer for e, _ in c])
+            r["cloze_n"] = len(c)
+        r["samples"] = [
+            {"prompt": e.prompt, "image": e.image, "answer": e.answer, "output": o}
+            for e, o in list(zip(gen, outs))[: cfg.samples]
+        ]
+    return r
