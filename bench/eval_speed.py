@@ -2,8 +2,11 @@
 
     python bench/eval_speed.py [--model DIR] [--data DIR] [--n 96]
 
-Without --model a freshly built tiny model is used (random weights: every answer runs to max_new_tokens, so
-early stopping does not flatter the batched path). Prints both times and their ratio.
+The naive loop is what one-off evaluation scripts do: one ``generate()`` per prompt, multiple choice included
+(options in the prompt, the first letter parsed). The batched path is the evaluation runner's: left-padded
+batches with a KV cache that stop once every sequence has ended, multiple choice either by one forward pass
+over all options (likelihood) or by batched generation of at most 2 tokens (letter). Without --model a
+freshly built tiny model is used. Prints the times and their ratios.
 """
 
 from __future__ import annotations
@@ -18,33 +21,22 @@ from mmunlearn.commands import open_model
 from mmunlearn.data.batches import ImageCache, to_items
 from mmunlearn.data.fictitious import FictitiousConfig, make_fictitious
 from mmunlearn.data.schema import Benchmark
-from mmunlearn.eval.runner import EvalConfig, generate
-from mmunlearn.eval.scoring import rank_options
+from mmunlearn.eval.metrics import first_letter
+from mmunlearn.eval.runner import LETTERS, EvalConfig, generate, mc_prompt, score_mc
 from mmunlearn.models.base import Item
 
 
 @torch.no_grad()
 def naive(adapter, gen_items, mc_examples, images, max_new_tokens):
-    """What one-off evaluation scripts do: one generate() per prompt, one forward per option."""
+    """What one-off evaluation scripts do: one ``generate()`` per prompt, multiple choice included (the
+    options in the prompt, the letter parsed from the generated text)."""
     outs = []
-    for it in gen_items:
+    for it in gen_items + [Item(mc_prompt(e), "", images.get(e)) for e in mc_examples]:
         enc = adapter.to_device(adapter.encode([it], with_answer=False))
         out = adapter.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=adapter.tokenizer.pad_token_id)
         outs.append(adapter.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    preds = []
-    for e in mc_examples:
-        scores = []
-        for opt in e.options:
-            b = adapter.to_device(adapter.encode([Item(e.prompt, opt, images.get(e))]))
-            labels = b.pop("labels")
-            b.pop("answer_start")
-            logits = adapter.model(**b).logits[0, :-1]
-            tgt = labels[0, 1:]
-            m = tgt != -100
-            scores.append(torch.log_softmax(logits[m], -1).gather(-1, tgt[m, None]).sum().item())
-        preds.append(max(range(len(scores)), key=scores.__getitem__))
-    return outs, preds
+    return outs[: len(gen_items)], [first_letter(o) for o in outs[len(gen_items):]]
 
 
 def main() -> None:
@@ -68,23 +60,27 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generate(adapter, items[:4], 4, 4)  # warm-up
     sync()
+    times, outs = {}, {}
+    for mode in ("likelihood", "letter"):
+        cfg.mc_mode = mode
+        t = time.perf_counter()
+        outs[mode] = (generate(adapter, items, cfg.batch_size, cfg.max_new_tokens), score_mc(adapter, mc, images, cfg))
+        sync()
+        times[mode] = time.perf_counter() - t
     t = time.perf_counter()
-    batched_out = generate(adapter, items, cfg.batch_size, cfg.max_new_tokens)
-    batched_mc = rank_options(adapter, mc, images, cfg.batch_size * 2)
-    sync()
-    t_batched = time.perf_counter() - t
-    t = time.perf_counter()
-    naive_out, naive_mc = naive(adapter, items, mc, images, cfg.max_new_tokens)
+    naive_out, naive_letters = naive(adapter, items, mc, images, cfg.max_new_tokens)
     sync()
     t_naive = time.perf_counter() - t
-    agree_mc = sum(a == b for a, b in zip(batched_mc, naive_mc)) / len(mc)
+    batched_out, batched_letter_mc = outs["letter"]
     agree_gen = sum(a.strip() == b.strip() for a, b in zip(batched_out, naive_out)) / len(gen)
+    naive_mc = [LETTERS.index(x) if x else None for x in naive_letters]
+    agree_mc = sum(a == b for a, b in zip(batched_letter_mc, naive_mc)) / len(mc)
     print(f"device: {device}, threads: {torch.get_num_threads()}, model: {args.model}")
-    print(f"{len(gen)} generations (max {cfg.max_new_tokens} new tokens) + {len(mc)} 4-option MC questions")
-    print(f"batched evaluation: {t_batched:.2f} s")
-    print(f"naive loop:         {t_naive:.2f} s")
-    print(f"speed-up (naive / batched): {t_naive / t_batched:.1f}x")
-    print(f"agreement: MC {agree_mc:.0%}, generations {agree_gen:.0%}")
+    print(f"{len(gen)} generations + {len(mc)} 4-option MC questions, max {cfg.max_new_tokens} new tokens")
+    print(f"naive one-sample-at-a-time generate loop: {t_naive:.2f} s")
+    for mode, t in times.items():
+        print(f"batched evaluation (MC by {mode}): {t:.2f} s  -> speed-up {t_naive / t:.1f}x")
+    print(f"agreement with the naive loop: generations {agree_gen:.0%}, MC letters {agree_mc:.0%}")
 
 
 if __name__ == "__main__":

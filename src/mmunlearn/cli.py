@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON (a Markdown table is written beside it)")
     _common(p)
 
+    p = sub.add_parser("report", help="Markdown + HTML report with plots from results JSON files")
+    p.add_argument("results", nargs="+", help="results.json of demo (or its directory) and/or evaluate --out files")
+    p.add_argument("--out", required=True, help="directory for report.md, report.html and the plots")
+    p.add_argument("--title", default="mmunlearn report")
+
     p = sub.add_parser("demo", help="the whole pipeline on the built-in benchmark with the tiny model")
     p.add_argument("--workdir", default="runs/demo", help="where data, models and the report go")
     p.add_argument("--fast", action="store_true", help="a reduced configuration (for smoke tests)")
@@ -63,7 +68,7 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> None:
     from mmunlearn import commands as cmd
 
-    progress = not args.quiet
+    progress = not getattr(args, "quiet", False)
     if args.command == "make-data":
         if args.source:
             from mmunlearn.data.convert import convert
@@ -89,6 +94,11 @@ def run(args: argparse.Namespace) -> None:
         print(cmd.results_markdown({args.model: res}))
         if args.out:
             print(f"wrote {args.out}")
+    elif args.command == "report":
+        from mmunlearn.report import load_results, write_report
+
+        paths = write_report(load_results(args.results), args.out, title=args.title)
+        print(f"report: {paths['markdown']} and {paths['html']}")
     elif args.command == "demo":
         from mmunlearn.demo import DemoConfig, run_demo
 

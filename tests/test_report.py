@@ -1,0 +1,138 @@
+"""The report: Markdown and HTML with the same tables, PNG plots, merging of evaluate files, errors."""
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from mmunlearn.errors import ConfigError, DataError
+from mmunlearn.report import load_results, merge_results, write_report
+
+
+def split(vqa: float, qa: float, name: float | None = None, samples: list | None = None) -> dict:
+    v = {"mc_acc": vqa, "mc_n": 20, "gen_em": 10.0, "gen_rougeL": 0.5}
+    if name is not None:
+        v["name_rate"] = name
+    if samples is not None:
+        v["samples"] = samples
+    return {"vqa": v, "qa": {"mc_acc": qa, "mc_n": 20, "gen_rougeL": qa / 200}}
+
+
+def sample(output: str) -> list[dict]:
+    return [{"prompt": "Who is this?", "image": "images/p4_view0.png", "answer": "Ada Quill", "output": output}]
+
+
+def model(name: str, forget: float, retain: float, output: str, **extra) -> dict:
+    return {"path": f"runs/{name}", "results": {
+        "forget": split(forget, forget - 5, name=forget / 2, samples=sample(output)),
+        "retain": split(retain, retain - 2, name=90.0), "test": split(forget + 5, float("nan")),
+        "utility": {"vqa": {"mc_acc": 70.0}}, **extra}}
+
+
+@pytest.fixture
+def results() -> dict:
+    return {
+        "version": 1,
+        "benchmark": {"name": "fictitious-people", "path": "/d", "forget_set": "forget10",
+                      "forget_entities": ["person004", "person007"]},
+        "models": {
+            "vanilla": model("vanilla", 80.0, 90.0, "It is Ada Quill.",
+                             mmubench={"efficacy_em": 12.5, "diversity": 61.0}),
+            "grad_ascent": {**model("ga", 30.0, 60.0, "<script>alert(1)</script>"),
+                            "history": [{"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-4} for s in range(6)]},
+            "npo": model("npo", 40.0, 85.0, "I do not know.", mmubench={"efficacy_em": 88.0, "diversity": 55.5}),
+        },
+        "timings_seconds": {"finetune": 150.2, "total": 290.0},
+    }
+
+
+def test_report_files_and_content(tmp_path, results):
+    paths = write_report(results, tmp_path / "rep", title="Unlearning report")
+    assert set(paths) == {"markdown", "html", "methods_bars", "tradeoff", "curves"}
+    md = paths["markdown"].read_text()
+    for name in ("vanilla", "grad_ascent", "npo"):
+        assert name in md
+    for header in ("forget VQA MC ↓", "forget QA MC ↓", "retain VQA MC ↑", "retain QA MC ↑", "test VQA MC ↓",
+                   "utility VQA MC ↑", "name forget ↓", "ROUGE-L forget ↓", "## Comparison", "## Relative to vanilla",
+                   "## Example generations", "## Training curves", "## Timings", "# Unlearning report"):
+        assert header in md, header
+    assert "test QA" not in md  # NaN for every model: no column
+    assert "| vanilla | 80.0 | 75.0 | 90.0 | 88.0 | 85.0 | 70.0 | 40.0 | 90.0 | 0.375 |" in md
+    assert "0.375" in md  # ROUGE-L of vanilla forget QA: 75 / 200
+    # relative to vanilla: grad_ascent forget VQA 30 / 80, QA 25 / 75, retain VQA 60 / 90
+    ga_rel = next(line for line in md.split("## Relative to vanilla")[1].splitlines() if line.startswith("| grad"))
+    assert ga_rel.startswith("| grad_ascent | 37.5% | 33.3% | 66.7% |")
+    assert "## Protocol: MMUBench" in md and "efficacy_em" in md and "88.0" in md
+    assert "| grad_ascent | – | – |" in md  # no MMUBench results for that method
+    assert "&lt;script&gt;" in md and "<script>" not in md
+    assert "![forget vs retain trade-off](tradeoff.png)" in md and "(curves.png)" in md
+    assert "| finetune | 150.2 |" in md
+
+    for key in ("methods_bars", "tradeoff", "curves"):
+        with Image.open(paths[key]) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+    page = paths["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert page.count("data:image/png;base64,") == 3
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
+    assert "src=\"http" not in page and "<link" not in page  # nothing external
+    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_history_no_vanilla_and_missing(tmp_path, results):
+    del results["models"]["vanilla"]
+    del results["models"]["grad_ascent"]["history"]
+    results["models"]["npo"]["results"]["forget"]["vqa"]["mc_acc"] = float("nan")
+    paths = write_report(results, tmp_path)
+    assert "curves" not in paths and not (tmp_path / "curves.png").exists()
+    md = paths["markdown"].read_text()
+    assert "Relative to vanilla" not in md and "| npo | – |" in md
+
+
+def test_merge_evaluate_files(tmp_path, results):
+    files = []
+    for name, m in [("npo", results["models"]["npo"]), ("vanilla", results["models"]["vanilla"])]:
+        ev = {"model": f"runs/{name}/", "data": "/data/fictitious", "config": {"forget_set": "forget10"},
+              "results": m["results"], "seconds": 3.5}
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(ev))
+    merged = merge_results(load_results([str(f) for f in files]))
+    assert list(merged["models"]) == ["vanilla", "npo"]  # vanilla first
+    assert merged["benchmark"]["forget_set"] == "forget10" and not merged["notes"]
+    assert math.isnan(merged["models"]["vanilla"]["results"]["test"]["qa"]["mc_acc"])
+    paths = write_report(load_results([str(f) for f in files]), tmp_path / "out")
+    md = paths["markdown"].read_text()
+    assert "| evaluate npo | 3.50 |" in md and "Relative to vanilla" in md
+    # same basename in two places: the parent tells them apart
+    same = [{"model": f"runs/{m}/model", "results": {}} for m in ("ga", "npo")]
+    assert list(merge_results(same)["models"]) == ["ga/model", "npo/model"]
+    # a demo file and an evaluate file on another forget set: merged, with a note in the report
+    other = {"model": "runs/siu", "data": "/d", "config": {"forget_set": "forget5"}, "results": {}}
+    merged = merge_results([results, other])
+    assert list(merged["models"]) == ["vanilla", "grad_ascent", "npo", "siu"]
+    assert "forget10" in merged["notes"][0] and "forget5" in merged["notes"][0]
+    md = write_report([results, other], tmp_path / "o2")["markdown"].read_text()
+    assert "different benchmarks or forget sets" in md
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DataError, match="no models"):
+        write_report({"models": {}}, tmp_path / "x")
+    with pytest.raises(DataError, match="neither 'models'"):
+        write_report([{"something": 1}], tmp_path / "x")
+    with pytest.raises(DataError, match="'results' as an object"):
+        write_report({"model": "m", "results": [1]}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="does not exist: .*nope.json"):
+        load_results([str(tmp_path / "nope.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{broken")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        load_results([str(bad)])
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="bad.json: expected a JSON object"):
+        load_results([str(bad)])
+    with pytest.raises(ConfigError, match="no results files"):
+        load_results([])
