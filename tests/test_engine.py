@@ -39,7 +39,7 @@ def test_lora_trains_adapters_and_exports_merged(tmp_path, small_bench):
     with torch.no_grad():
         want = adapter.model(**batch).logits
     export(adapter, tmp_path / "merged", merge=True)
-    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").to(want.device).eval()
     with torch.no_grad():
         got = plain(**batch).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

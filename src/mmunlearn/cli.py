@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     _common(p)
 
+    p = sub.add_parser("unlearn", help="unlearn a forget set (or entities) from a vanilla model")
+    p.add_argument("--data", required=True, help="benchmark directory")
+    p.add_argument("--model", required=True, help="the vanilla model directory (never modified)")
+    p.add_argument("--method", help="ga, ga_kl, ga_diff, kl_min, npo, po, siu, mmunlearner")
+    p.add_argument("--family", help="model family; default: from config.json")
+    p.add_argument("--out", required=True, help="output model directory")
+    _common(p)
+
     p = sub.add_parser("evaluate", help="score a model on every split")
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True, help="model directory")
@@ -87,6 +95,13 @@ def run(args: argparse.Namespace) -> None:
         cfg = C.load(FinetuneConfig, args.config, args.set)
         rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress)
         print(f"wrote {args.out} (trained in {rec['log']['train_seconds']} s)")
+    elif args.command == "unlearn":
+        from mmunlearn.train.unlearn import UnlearnConfig, run_unlearn
+
+        base = {"method": args.method} if args.method else {}
+        cfg = C.load(UnlearnConfig, args.config, args.set, base=base)
+        rec = run_unlearn(args.data, args.model, args.out, cfg, args.overwrite, progress, args.family)
+        print(f"wrote {args.out} ({cfg.method}, {rec['seconds']['total']} s)")
     elif args.command == "evaluate":
         from mmunlearn.eval.runner import EvalConfig
 

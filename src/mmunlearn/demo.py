@@ -1,8 +1,9 @@
-"""``mmunlearn demo``: make-data -> fine-tune (reused when present) -> evaluate -> report, on the built-in
-benchmark with the tiny model, fully offline.
+"""``mmunlearn demo``: make-data -> fine-tune -> unlearn with every method -> evaluate -> report, on the
+built-in benchmark with the tiny model, fully offline.
 
-Writes ``<workdir>/report.md`` (for people) and ``<workdir>/results.json`` (for programs; layout in
-docs/results.md).
+Data, the vanilla model and each unlearned model are reused when already there (delete ``<workdir>`` to start
+over). Writes ``<workdir>/report.md`` and ``report.html`` (for people, with plots) and
+``<workdir>/results.json`` (for programs; layout in docs/results.md).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from mmunlearn import commands as cmd
 from mmunlearn import config as C
@@ -22,14 +25,26 @@ from mmunlearn.train.finetune import FinetuneConfig
 RESULTS_VERSION = 1
 
 
+def _all_methods() -> tuple[str, ...]:
+    from mmunlearn.methods import METHODS
+
+    return tuple(METHODS.names())
+
+
 @dataclass
 class DemoConfig:
     fast: bool = False  # a reduced configuration for smoke tests
     data: FictitiousConfig = field(default_factory=FictitiousConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: tuple[str, ...] = field(default_factory=_all_methods)
+    method_overrides: dict[str, dict] = field(default_factory=dict)  # method -> UnlearnConfig fields
 
     def __post_init__(self) -> None:
+        from mmunlearn.methods import METHODS
+
+        for m in self.methods:
+            METHODS.get(m)  # unknown names fail here, with a suggestion
         if self.fast:
             self.data = FictitiousConfig(seed=self.data.seed, num_people=8, train_images=2, test_images=1)
             self.finetune.steps = min(self.finetune.steps, 150)
@@ -38,6 +53,9 @@ class DemoConfig:
 
 
 def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Path:
+    from mmunlearn.report import write_report
+    from mmunlearn.train.unlearn import UnlearnConfig, run_unlearn
+
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -49,39 +67,30 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
     if not (vanilla / cmd.RUN_FILE).is_file():
         rec = cmd.run_finetune(str(data), "tiny", str(vanilla), cfg.finetune, overwrite=True, progress=progress)
         timings["finetune"] = rec["log"]["train_seconds"]
-    rows = {"vanilla": cmd.run_evaluate(str(data), str(vanilla), cfg.eval, progress=progress)}
+    models: dict[str, dict] = {"vanilla": {"path": str(vanilla)}}
+    for method in tqdm(cfg.methods, desc="unlearn", disable=not progress):
+        out = work / "unlearned" / method
+        if not (out / cmd.RUN_FILE).is_file():
+            ucfg = C.build(UnlearnConfig, {"method": method, "forget_set": cfg.eval.forget_set,
+                                           **cfg.method_overrides.get(method, {})}, f"method_overrides.{method}")
+            t = time.time()
+            run_unlearn(str(data), str(vanilla), str(out), ucfg, overwrite=True, progress=False)
+            timings[f"unlearn_{method}"] = round(time.time() - t, 1)
+        run = cmd.load_results(str(out / cmd.RUN_FILE))
+        models[method] = {"path": str(out), "history": run.get("history", [])}
+    ecfg = C.build(EvalConfig, {**C.to_dict(cfg.eval), "reference": str(vanilla)})
+    for name, m in tqdm(models.items(), desc="evaluate", disable=not progress):
+        t = time.time()
+        m["results"] = cmd.run_evaluate(str(data), m["path"], ecfg, progress=False)["results"]
+        timings[f"evaluate_{name}"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t0, 1)
     results = {
         "version": RESULTS_VERSION,
         "benchmark": {"name": bench.name, "path": str(data.resolve()), "forget_set": cfg.eval.forget_set,
                       "forget_entities": sorted(bench.forget_set(cfg.eval.forget_set))},
         "config": C.to_dict(cfg),
-        "models": {name: {"path": r["model"], "results": r["results"]} for name, r in rows.items()},
+        "models": models,
         "timings_seconds": timings,
     }
     write_json(work / "results.json", results)
-    report = work / "report.md"
-    report.write_text(demo_report(results))
-    return report
-
-
-def demo_report(results: dict) -> str:
-    b = results["benchmark"]
-    lines = [
-        "# mmunlearn demo report",
-        "",
-        f"Benchmark `{b['name']}`, forget set `{b['forget_set']}` ({len(b['forget_entities'])} entities). "
-        "Multiple-choice accuracy in % (4 options, chance 25 %); `name_rate` = % of identity answers that name "
-        "the person (lower = more forgotten); ROUGE-L F1 of text-only biographies.",
-        "",
-        cmd.results_markdown(results["models"]),
-        "## Example generations",
-        "",
-    ]
-    for name, r in results["models"].items():
-        for split in ("forget", "test"):
-            for s in r["results"].get(split, {}).get("vqa", {}).get("samples", [])[:2]:
-                lines.append(f"- **{name}**, {split}, `{s['image']}` — {s['prompt']} → “{s['output']}” "
-                             f"(truth: {s['answer']})")
-    lines += ["", f"Timings (s): {results['timings_seconds']}", ""]
-    return "\n".join(lines)
+    return write_report(results, work, title="mmunlearn demo: fictitious-people with the tiny model")["markdown"]

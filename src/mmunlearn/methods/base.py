@@ -1,0 +1,183 @@
+"""The unlearning-method contract and its registry.
+
+A method is one class in one file, registered with one line (``@register("name")``). The training loop
+(``mmunlearn.train.unlearn``) owns data, batching, the engine and export; a method only says:
+
+* ``Options``: a dataclass of its own options (validated in ``__post_init__``), built from the config's
+  ``method_options`` mapping; unknown keys are errors;
+* ``defaults``: the training settings it is tuned with (steps/epochs, lr, batch size, trainable groups...),
+  used wherever the run's configuration leaves a field unset;
+* ``prepare(ctx)`` (optional): build what it needs before training: e.g. its own training data (PO's
+  refusals, SIU's multifaceted data) or a saliency mask; ``needs_reference`` asks the loop for a frozen copy
+  of the vanilla model in ``ctx.reference``;
+* ``schedule(ctx, steps, epochs)`` (optional): which batches each optimisation step draws (default: one joint
+  step on a forget batch and, if ``uses_retain``, a retain batch) and which steps are masked;
+* ``step_mask(ctx, step)`` (optional): the per-parameter update mask of a masked step;
+* ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log.
+
+Methods share the loss helpers of ``losses.py`` and never inherit from each other. Family knowledge (image
+tokens, parameter groups, prompts) stays in the model adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mmunlearn.data.batches import ImageCache
+from mmunlearn.data.schema import Benchmark, Example
+from mmunlearn.errors import ConfigError
+from mmunlearn.models.base import ModelAdapter
+from mmunlearn.registry import Registry
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one optimisation step draws (a forget batch, a retain batch, or both) and whether it is masked."""
+
+    forget: bool = True
+    retain: bool = False
+    masked: bool = False
+
+
+@dataclass
+class Batches:
+    """The encoded batches of one step (None when the step draws none) and the examples behind them."""
+
+    forget: Batch | None = None
+    retain: Batch | None = None
+    forget_examples: list[Example] = field(default_factory=list)
+    retain_examples: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """Everything a method may use. ``prepare`` may replace ``forget_data`` / ``retain_data`` / ``images``.
+
+    ``out_dir`` is the (temporary) output directory; artefacts a method writes there are listed in
+    ``artefacts`` (name -> file name) for the run record. ``engine`` is set once training starts.
+    """
+
+    adapter: ModelAdapter
+    bench: Benchmark
+    forget_entities: list[str]
+    forget_data: list[Example]
+    retain_data: list[Example]
+    images: ImageCache
+    batch_size: int
+    seed: int
+    out_dir: Path
+    lora: bool = False
+    reference: ModelAdapter | None = None
+    engine: Any = None
+    progress: bool = False
+    artefacts: dict[str, str] = field(default_factory=dict)
+    n_forget_batches: int = 0
+    n_retain_batches: int = 0
+
+    def entity_name(self, entity: str) -> str:
+        info = self.bench.info
+        names = info.get("names") or {k: v.get("name") for k, v in info.get("entities", {}).items()}
+        if not names.get(entity):
+            raise ConfigError(f"entity {entity!r} has no name in the benchmark's info; SIU needs the concept's name")
+        return names[entity]
+
+
+class Method:
+    """Base class of every unlearning method (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    defaults: ClassVar[dict[str, Any]] = {}
+    uses_retain: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None) -> None:
+        self.opt = options if options is not None else self.Options()
+
+    def prepare(self, ctx: Context) -> None:
+        """Build data, masks or other state before training; the model is still the vanilla one here."""
+
+    def mask_mode(self) -> str:
+        """How the engine applies ``step_mask``: 'update' (a true constraint) or 'gradient'."""
+        return "update"
+
+    def schedule(self, ctx: Context, steps: int | None, epochs: float | None) -> list[Step]:
+        """Default: ``steps`` joint steps (or ``epochs`` passes over the forget batches)."""
+        n = count_steps(steps, epochs, ctx.n_forget_batches)
+        return [Step(forget=True, retain=self.uses_retain)] * n
+
+    def step_mask(self, ctx: Context, step: Step) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("unlearning method")
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a ``Method`` subclass under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"unlearning method {name!r} must be a subclass of Method")
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return deco
+
+
+def count_steps(steps: int | None, epochs: float | None, per_epoch: int) -> int:
+    """``steps`` if given, else ``ceil(epochs × per_epoch)`` (at least 1)."""
+    if steps:
+        return steps
+    if not epochs:
+        raise ConfigError("set either steps or epochs (both are unset)")
+    return max(1, math.ceil(epochs * per_epoch))
+
+
+# ---- model calls shared by the methods ------------------------------------------------------------------
+
+
+def forward_logits(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    """(B, T, V) logits of a batch from ``adapter.encode`` (labels stay out of the forward)."""
+    inputs = adapter.to_device(batch)
+    inputs.pop("labels", None)
+    inputs.pop("answer_start", None)
+    return adapter.model(**inputs).logits
+
+
+def labels_of(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    return batch["labels"].to(next(adapter.model.parameters()).device)
+
+
+@torch.no_grad()
+def reference_logits(ctx: Context, batch: Batch) -> torch.Tensor:
+    if ctx.reference is None:
+        raise ConfigError("this method needs the frozen reference model (set needs_reference = True)")
+    return forward_logits(ctx.reference, batch)
+
+
+def frozen_reference(adapter: ModelAdapter) -> ModelAdapter:
+    """A deep copy of the (vanilla) model in eval mode with every parameter frozen, behind the same adapter.
+
+    Taken before training starts (and before LoRA wraps the model in place), so it stays the vanilla model.
+    """
+    model = copy.deepcopy(adapter.model).eval()
+    model.requires_grad_(False)
+    return type(adapter)(model, adapter.processor, adapter.path)

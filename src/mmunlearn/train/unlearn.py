@@ -1,0 +1,248 @@
+"""Unlearning: start from the vanilla model, run one registered method through the one engine, export.
+
+``run_unlearn`` reads the benchmark, loads the vanilla model, lets the method prepare (frozen reference,
+its own data, saliency masks), runs the method's schedule of steps — each step draws a forget and/or a retain
+batch and is one ``Engine.step`` with the method's loss (and update mask on masked steps) — and writes, into a
+fresh output directory built atomically:
+
+* the unlearned model (merged weights, or a PEFT adapter with ``merge: false``);
+* ``mmunlearn_run.json``: the exact, fully resolved configuration, the forget entities, per-step losses,
+  optional in-training evaluations and timings; ``unlearn_config.yaml``: the same configuration, reusable
+  with ``--config``;
+* the method's artefacts (SIU: ``siu_data.json``; MMUnlearner: ``masks.safetensors``, ``mask_stats.json``).
+
+The base model directory is never written to (it is protected as an output path and only ever read).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mmunlearn import config as C
+from mmunlearn.data.batches import BatchStream, ImageCache, to_items
+from mmunlearn.data.schema import KINDS, Benchmark, Example
+from mmunlearn.errors import ConfigError
+from mmunlearn.eval import metrics
+from mmunlearn.eval.scoring import rank_options
+from mmunlearn.methods import METHODS, Batches, Context, Method
+from mmunlearn.methods.base import frozen_reference
+from mmunlearn.models.base import ModelAdapter
+from mmunlearn.outputs import atomic_dir, write_json
+from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
+
+CONFIG_FILE = "unlearn_config.yaml"
+# used where neither the run's configuration nor the method's ``defaults`` set a field
+FALLBACK: dict[str, Any] = {
+    "batch_size": 8, "lr": 1e-4, "group_lr": {}, "trainable": GROUPS, "scheduler": "constant",
+    "forget_kinds": ("vqa",), "retain_kinds": ("vqa", "qa"),
+}
+RESOLVABLE = ("steps", "epochs", *FALLBACK)
+
+
+@dataclass
+class UnlearnConfig:
+    """Options of an unlearning run. Fields left ``None`` take the method's tuned ``defaults``.
+
+    method: a registered method name (``mmunlearn.methods.METHODS``).
+    forget_set / entities: the forget set by name, or an explicit list of entity ids (which wins).
+    steps / epochs: length of training; ``epochs`` counts passes over the forget batches (MMUnlearner: retain
+        batches). Setting one of them drops the method's default for the other.
+    forget_kinds / retain_kinds: which training examples of the forget / retain entities the method sees
+        ("vqa", "qa"); entity visual unlearning forgets VQA only.
+    eval_every: every N steps, log multiple-choice accuracy on forget/retain VQA/QA (0 = never).
+    merge: export merged weights (default) or, with LoRA, a PEFT adapter directory.
+    method_options: the method's own options (validated by its ``Options`` dataclass).
+    """
+
+    method: str = "mmunlearner"
+    forget_set: str | None = "forget10"
+    entities: list[str] | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    group_lr: dict[str, float] | None = None
+    trainable: tuple[str, ...] | None = None
+    lora: LoraOptions | None = None
+    scheduler: str | None = None
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    forget_kinds: tuple[str, ...] | None = None
+    retain_kinds: tuple[str, ...] | None = None
+    seed: int = 0
+    eval_every: int = 0
+    merge: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cls = METHODS.get(self.method)
+        method_options(cls, self.method_options)  # fail early on a bad option
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("forget_kinds", "retain_kinds"):
+            kinds = getattr(self, name)
+            if kinds is not None and (not kinds or any(k not in KINDS for k in kinds)):
+                raise ConfigError(f"{name} must name some of {KINDS}, got {kinds}")
+        if self.forget_set is None and not self.entities:
+            raise ConfigError("set forget_set (a forget set of the benchmark) or entities (a list of entity ids)")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+
+    def resolved(self) -> UnlearnConfig:
+        """A copy with every unset field filled from the method's defaults, then the global fallback."""
+        d = METHODS.get(self.method).defaults
+        values: dict[str, Any] = {}
+        explicit_length = self.steps is not None or self.epochs is not None
+        for name in RESOLVABLE:
+            if getattr(self, name) is not None:
+                continue
+            if name in ("steps", "epochs") and explicit_length:
+                continue
+            if name in d:
+                values[name] = d[name]
+            elif name in FALLBACK:
+                values[name] = FALLBACK[name]
+        out = replace(self, **values)
+        if out.steps is None and out.epochs is None:
+            raise ConfigError(f"method {self.method!r}: set steps or epochs")
+        return out
+
+
+def method_options(cls: type[Method], options: dict[str, Any]) -> Any:
+    return C.build(cls.Options, options, f"method_options ({cls.name})")
+
+
+def build_method(cfg: UnlearnConfig) -> Method:
+    cls = METHODS.get(cfg.method)
+    return cls(method_options(cls, cfg.method_options))
+
+
+def forget_entities(bench: Benchmark, cfg: UnlearnConfig) -> list[str]:
+    if cfg.entities:
+        known = {e.entity for e in bench.examples}
+        bad = [e for e in cfg.entities if e not in known]
+        if bad:
+            raise ConfigError(f"entities {bad} are not in the benchmark {bench.root}")
+        return sorted(set(cfg.entities))
+    return sorted(bench.forget_set(cfg.forget_set))
+
+
+def training_data(bench: Benchmark, forget: list[str], cfg: UnlearnConfig) -> tuple[list[Example], list[Example]]:
+    f = [e for e in bench.select("forget", forget, purpose="train") if e.kind in cfg.forget_kinds]
+    r = [e for e in bench.select("retain", forget, purpose="train") if e.kind in cfg.retain_kinds]
+    if not f:
+        raise ConfigError(f"the forget entities have no training examples of kinds {cfg.forget_kinds}")
+    return f, r
+
+
+def unlearn(
+    adapter: ModelAdapter, bench: Benchmark, cfg: UnlearnConfig, out_dir: Path, progress: bool = True
+) -> dict:
+    """Unlearn in place (``adapter.model`` becomes the trained model); artefacts go to ``out_dir``."""
+    cfg = cfg.resolved()
+    method = build_method(cfg)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    forget = forget_entities(bench, cfg)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    images = ImageCache(bench)
+    f_data, r_data = training_data(bench, forget, cfg)
+    ctx = Context(adapter=adapter, bench=bench, forget_entities=forget, forget_data=f_data, retain_data=r_data,
+                  images=images, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=Path(out_dir),
+                  lora=cfg.lora is not None, progress=progress)
+    if method.needs_reference:
+        ctx.reference = frozen_reference(adapter)
+    method.prepare(ctx)
+    t_prep = time.time() - t0
+    f_stream = BatchStream(adapter, ctx.forget_data, ctx.images, cfg.batch_size, seed=cfg.seed)
+    ctx.n_forget_batches = len(f_stream)
+    r_stream = None
+    if method.uses_retain:
+        if not ctx.retain_data:
+            raise ConfigError(f"method {cfg.method!r} needs retain data but the retain set is empty")
+        r_stream = BatchStream(adapter, ctx.retain_data, images, cfg.batch_size, seed=cfg.seed + 1)
+        ctx.n_retain_batches = len(r_stream)
+    plan = method.schedule(ctx, cfg.steps, cfg.epochs)
+    engine = Engine(adapter, OptimConfig(
+        lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
+        lora=cfg.lora, mask_mode=method.mask_mode(),
+    ), seed=cfg.seed)
+    ctx.engine = engine
+    history, evals = [], []
+    bar = tqdm(plan, desc=f"unlearn ({cfg.method})", disable=not progress)
+    for i, step in enumerate(bar):
+        b = Batches()
+        if step.forget:
+            b.forget_examples = f_stream.next_examples()
+            b.forget = adapter.encode(to_items(b.forget_examples, ctx.images))
+        if step.retain:
+            b.retain_examples = r_stream.next_examples()
+            b.retain = adapter.encode(to_items(b.retain_examples, images))
+        mask = method.step_mask(ctx, step) if step.masked else None
+        logs = engine.step(lambda b=b: method.loss(ctx, b), mask)
+        kind = "joint" if step.forget and step.retain else ("forget" if step.forget else "retain")
+        history.append({"step": i, "kind": kind, **{k: round(v, 5) for k, v in logs.items()}})
+        bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == len(plan) - 1):
+            evals.append({"step": i + 1, **quick_eval(adapter, bench, forget, images)})
+            adapter.model.train()
+    adapter.model.eval()
+    return {
+        "config": C.to_dict(cfg), "method_options": C.to_dict(method.opt), "forget_entities": forget,
+        "steps": len(plan), "forget_examples": len(ctx.forget_data), "retain_examples": len(ctx.retain_data),
+        "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
+        "history": history, "evals": evals, "artefacts": dict(ctx.artefacts),
+    }
+
+
+@torch.no_grad()
+def quick_eval(adapter: ModelAdapter, bench: Benchmark, forget: list[str], images: ImageCache,
+               limit: int = 64) -> dict[str, float]:
+    """Multiple-choice accuracy (%) on forget and retain VQA/QA (at most ``limit`` questions each)."""
+    adapter.model.eval()
+    out = {}
+    for split in ("forget", "retain"):
+        for kind in KINDS:
+            ex = bench.select(split, forget, purpose="eval", kind=kind, task="mc")[:limit]
+            if ex:
+                pred = rank_options(adapter, ex, images)
+                out[f"{split}_{kind}_mc"] = round(metrics.mc_accuracy(pred, [e.answer_index for e in ex]), 2)
+    return out
+
+
+def run_unlearn(
+    data: str, model: str, out: str, cfg: UnlearnConfig, overwrite: bool = False, progress: bool = True,
+    family: str | None = None,
+) -> dict:
+    """Unlearn ``model`` (the vanilla model directory) on benchmark ``data``; write everything to ``out``."""
+    from mmunlearn import commands as cmd  # commands imports the training modules
+
+    bench = Benchmark.load(data)
+    forget_entities(bench, cfg)  # fail early on an unknown forget set or entity
+    protect = (model,) if Path(model).is_dir() else ()
+    with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
+        adapter = cmd.open_model(model, bench, family)
+        log = unlearn(adapter, bench, cfg, tmp, progress=progress)
+        cmd.export(adapter, tmp, merge=cfg.merge)
+        record = {"command": "unlearn", "method": cfg.method, "data": str(Path(data).resolve()), "base_model": model,
+                  **log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(tmp / cmd.RUN_FILE, record)
+        resolved = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return record
