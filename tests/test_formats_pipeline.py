@@ -1,8 +1,8 @@
 """Each published format end to end: convert -> unlearn one step with two methods -> evaluate."""
 
 import pytest
-from fixtures_formats import SHARED_SIU, write_clear, write_mllmu, write_mmubench
 
+from fixtures_formats import SHARED_SIU, write_clear, write_mllmu, write_mmubench
 from mmunlearn.commands import export, open_model, run_evaluate
 from mmunlearn.data.convert import convert
 from mmunlearn.data.schema import Benchmark
