@@ -108,6 +108,7 @@ def mask_stats(masks: dict[str, torch.Tensor], group_of: dict[str, str]) -> dict
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()}, str(path))
 
 

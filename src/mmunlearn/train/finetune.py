@@ -44,6 +44,11 @@ class FinetuneConfig:
     log_every: int = 50
     save_every: int = 0  # > 0: a checkpoint directory every N steps under <out>/checkpoints/
 
+    def __post_init__(self) -> None:
+        self.optim()  # validate groups, learning rate and steps before any work starts
+        if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
+            raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
+
     def optim(self) -> OptimConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
