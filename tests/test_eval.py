@@ -69,3 +69,11 @@ def test_run_evaluate_letter_mode(tmp_path, small_bench):
                        EvalConfig(forget_set="forget15", mc_mode="letter", protocols=(), max_new_tokens=2,
                                   splits=("forget",)), progress=False)
     assert 0 <= res["results"]["forget"]["vqa"]["mc_acc"] <= 100
+
+
+def test_limit_caps_questions_per_unit(tiny, small_bench):
+    res = evaluate(tiny, small_bench, EvalConfig(forget_set="forget15", limit=3, protocols=(), max_new_tokens=2),
+                   progress=False)
+    for split in res.values():
+        for r in split.values():
+            assert r.get("mc_n", 0) + r.get("gen_n", 0) + r.get("cloze_n", 0) <= 3

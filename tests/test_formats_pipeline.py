@@ -18,9 +18,8 @@ def _pipeline(bench: Benchmark, forget_set: str, methods: tuple[str, ...], tmp_p
         cfg = UnlearnConfig(method=method, forget_set=forget_set, steps=1, batch_size=2)
         rec = run_unlearn(str(bench.root), str(vanilla), str(out), cfg, progress=False)
         assert rec["steps"] == 1 and (out / "model.safetensors").is_file()
-        res = run_evaluate(str(bench.root), str(out), EvalConfig(forget_set=forget_set, max_new_tokens=4,
-                                                                 batch_size=16, reference=str(vanilla)),
-                           progress=False)["results"]
+        ecfg = EvalConfig(forget_set=forget_set, max_new_tokens=4, batch_size=16, reference=str(vanilla), limit=8)
+        res = run_evaluate(str(bench.root), str(out), ecfg, progress=False)["results"]
         assert "forget" in res or "test" in res
         assert "mmubench" in res and "mllmu" in res and "clear" in res
 

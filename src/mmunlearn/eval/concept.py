@@ -101,6 +101,7 @@ def concept_metrics(
     batch_size: int = 32,
     max_new_tokens: int = 24,
     seed: int = 0,
+    limit: int | None = None,
 ) -> dict[str, float]:
     """MMUBench metrics for the forget entities. ``reference`` is the original (vanilla) model.
 
@@ -115,7 +116,7 @@ def concept_metrics(
     """
     images = ImageCache(bench)
     judge = judge or KeywordJudge()
-    sets = probes(bench, forget)
+    sets = {k: v[:limit] for k, v in probes(bench, forget).items()}
     res: dict[str, float] = {}
     answers: dict[str, list[str]] = {}
     for key in ("efficacy", "generality", "multilingual", "multihop"):
@@ -151,7 +152,7 @@ def concept_metrics(
         ppl = _masked_perplexity(adapter, [p.example for p in gen], ref_outs, [p.target for p in gen], images)
         if ppl is not None:
             res["fluency_ppl"] = ppl
-    auc = _mia(adapter, bench, forget, images, batch_size, seed)
+    auc = _mia(adapter, bench, forget, images, batch_size, seed, limit)
     if auc is not None:
         res["mia_auc"] = auc
     return res
@@ -180,10 +181,10 @@ def _masked_perplexity(
 
 
 def _mia(adapter: ModelAdapter, bench: Benchmark, forget: Sequence[str], images: ImageCache,
-         batch_size: int, seed: int) -> float | None:
+         batch_size: int, seed: int, limit: int | None = None) -> float | None:
     """Min-K% AUC: the forget set's training answers (members) vs the same questions answered for a person
     who does not exist (never seen: an unseen name and shuffled attributes)."""
-    members = [e for e in bench.select("forget", forget, purpose="train") if e.kind == "vqa"]
+    members = [e for e in bench.select("forget", forget, purpose="train") if e.kind == "vqa"][:limit]
     pool = list(bench.info.get("unseen_names", []))
     if not members or not pool:
         return None

@@ -42,6 +42,7 @@ class EvalConfig:
     judge: str = "keyword"  # MMUBench G-Eval judge: keyword | embedding | http:<url>|<model>
     reference: str | None = None  # the original (vanilla) model, for C-Dis, fluency and MIA ROUGE
     cache: bool = True
+    limit: int | None = None  # at most this many questions per split, kind and probe set (quick checks)
     cache_dir: str | None = None  # default: $MMUNLEARN_CACHE or ~/.cache/mmunlearn, then /eval
 
     def __post_init__(self) -> None:
@@ -95,7 +96,7 @@ def evaluate(
         unit = f"{split}-{kind}"
         r = cache.get(unit) if cache else None
         if r is None:
-            r = _score_unit(adapter, bench, bench.select(split, fset, purpose="eval", kind=kind), cfg)
+            r = _score_unit(adapter, bench, bench.select(split, fset, purpose="eval", kind=kind)[: cfg.limit], cfg)
             if cache:
                 cache.put(unit, r)
         if r:
@@ -108,7 +109,7 @@ def evaluate(
         r = cache.get("mmubench") if cache else None
         if r is None:
             r = concept_metrics(adapter, bench, entities, reference, make_judge(cfg.judge), cfg.batch_size,
-                                cfg.max_new_tokens)
+                                cfg.max_new_tokens, limit=cfg.limit)
             if cache:
                 cache.put("mmubench", r)
         results["mmubench"] = r
