@@ -72,6 +72,24 @@ def test_every_method_trains(world, tmp_path: Path, method: str) -> None:
     assert not stale, f"{method}: trained but unchanged: {stale[:3]}"
 
 
+@pytest.mark.parametrize("method,options", [
+    ("siu", FAST["siu"] | {"legacy_released_code": True}),
+    ("siu", FAST["siu"] | {"renormalise": True}),
+    ("npo", {"retain": True}),
+    ("npo", {"legacy_mean_ce": True}),
+    ("mmunlearner", {"importance_batches": 1, "mask_mode": "gradient", "groups": ["language"], "interval": 0}),
+], ids=["siu-legacy", "siu-renormalise", "npo-rt", "npo-legacy", "mmunlearner-gradient"])
+def test_method_variants_train(world, tmp_path: Path, method: str, options: dict) -> None:
+    bench, vanilla = world
+    adapter = load(vanilla)
+    before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    log = unlearn(adapter, bench, cfg(method, method_options=options), tmp_path, progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in log["history"])
+    assert any(not torch.equal(p, before[n]) for n, p in adapter.model.named_parameters())
+    if method == "npo" and options.get("retain"):
+        assert "retain_ce" in log["history"][0]
+
+
 def test_unknown_method_is_a_config_error_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="did you mean 'npo'"):
         UnlearnConfig(method="npoo")
@@ -228,6 +246,23 @@ def test_siu_data_file_targets_and_token_mask(world, tmp_path: Path) -> None:
     assert [(e.prompt, e.answer) for e in ctx.forget_data] == [(e.prompt, e.answer) for e in examples]
 
 
+def test_siu_unseen_names_from_the_vanilla_model_or_the_pool(world, tmp_path: Path, monkeypatch) -> None:
+    from mmunlearn.methods.siu import SIUOptions, looks_like_name, unseen_names
+
+    bench, vanilla = world
+    adapter = load(vanilla)
+    forget = sorted(bench.forget_set("forget15"))
+    known = [v["name"] for v in bench.info["entities"].values()]
+    ctx = Context(adapter, bench, forget, [], [], ImageCache(bench), 4, 0, tmp_path)
+    img = str(bench.root / "images" / "shape_circle_red_0.png")
+    answers = iter([["Zed Quorra.", known[0]]])
+    monkeypatch.setattr(adapter, "generate", lambda items, max_new_tokens=32: next(answers))
+    names = unseen_names(ctx, SIUOptions(unseen_images=[img, img]), known)
+    # the model's own answer first; an answer naming a known entity is rejected; then the pool
+    assert names[0] == "Zed Quorra" and names[1] in bench.info["unseen_names"] and not set(names) & set(known)
+    assert looks_like_name("Jacob Campbell") and not looks_like_name("a man with a hat")
+
+
 def test_siu_vocabulary_mask_covers_name_variants(world) -> None:
     bench, vanilla = world
     adapter = load(vanilla)
@@ -253,6 +288,10 @@ def test_run_unlearn_writes_a_complete_directory_and_keeps_the_base(world, tmp_p
     with pytest.raises(ConfigError, match="would write into"):
         run_unlearn(str(bench.root), str(vanilla), str(vanilla / "x"), cfg("ga"), progress=False)
     load(out)  # an ordinary model directory
+    peft_out = tmp_path / "ga-lora"
+    run_unlearn(str(bench.root), str(vanilla), str(peft_out),
+                cfg("ga", lora=LoraOptions(r=2, alpha=4, dropout=0.0), merge=False), progress=False)
+    assert (peft_out / "adapter_config.json").is_file() and not (peft_out / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "unlearn").glob("*.yaml")), ids=lambda p: p.stem)

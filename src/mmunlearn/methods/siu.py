@@ -95,6 +95,8 @@ class SIUOptions:
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0:
             raise ConfigError("siu options alpha and beta must be >= 0")
+        if self.image_dir and not self.data_path:
+            raise ConfigError("siu option image_dir only applies to data_path (an existing SIU JSON); set both")
         if self.non_target_text < 0 or self.non_target_images < 0 or self.max_new_tokens < 1:
             raise ConfigError("siu options non_target_* must be >= 0 and max_new_tokens >= 1")
 
@@ -114,11 +116,11 @@ class SIU(Method):
     # ---- preparation ---------------------------------------------------------------------------------
     def prepare(self, ctx: Context) -> None:
         path = ctx.out_dir / DATA_FILE
-        image_dir = Path(self.opt.image_dir) if self.opt.image_dir else ctx.bench.root
+        image_dir = ctx.bench.root
         if self.opt.data_path:
-            src = Path(self.opt.data_path)
-            examples = read_siu_json(src, image_dir, ctx.forget_entities[0])
-            write_siu_json(examples_relative(examples, image_dir), path)
+            image_dir = Path(self.opt.image_dir) if self.opt.image_dir else image_dir
+            examples = read_siu_json(Path(self.opt.data_path), image_dir, ctx.forget_entities[0])
+            write_siu_json(examples_relative(examples, image_dir), path)  # a copy beside the model
         else:
             write_siu_json(build_siu_data(ctx, self.opt), path)
         examples = read_siu_json(path, image_dir, ctx.forget_entities[0])
@@ -167,8 +169,7 @@ class SIU(Method):
 def build_siu_data(ctx: Context, opt: SIUOptions) -> list[Example]:
     """The four SIU targets for every forget entity, from its first training image and its name."""
     bench, adapter = ctx.bench, ctx.adapter
-    entities = bench.info.get("entities", {})
-    known = {k: ctx.entity_name(k) for k in entities} or {e: ctx.entity_name(e) for e in ctx.forget_entities}
+    known = ctx.entity_names() | {e: ctx.entity_name(e) for e in ctx.forget_entities}
     unseen = unseen_names(ctx, opt, list(known.values()))
     train = [e for e in bench.examples if e.purpose == "train" and e.split == "people"]
     others = sorted({e.entity for e in train} - set(ctx.forget_entities))
