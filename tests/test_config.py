@@ -35,6 +35,9 @@ def test_config_errors(tmp_path):
         C.load(Outer, None, ["iner.r=1"])
     with pytest.raises(ConfigError, match="expected int"):
         C.load(Outer, None, ["inner.r=abc"])
+    assert C.load(Outer, None, ["lr=3e-4"]).lr == 3e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        C.load(Outer, None, ["lr=fast"])
     with pytest.raises(ConfigError, match="key=value"):
         C.parse_overrides(["lr"])
     bad = tmp_path / "bad.yaml"
