@@ -132,6 +132,15 @@ class Benchmark:
 
         return [e for e in self.examples if keep(e)]
 
+    def entity_names(self) -> dict[str, str]:
+        """Entity id -> display name (converted benchmarks keep ``info["names"]``, the built-in one
+        ``info["entities"][id]["name"]``)."""
+        names = {k: v for k, v in (self.info.get("names") or {}).items() if v}
+        for k, v in (self.info.get("entities") or {}).items():
+            if isinstance(v, dict) and v.get("name"):
+                names.setdefault(k, v["name"])
+        return names
+
     def image_path(self, e: Example) -> Path:
         """Resolve an example's image inside the benchmark directory, refusing paths that escape it."""
         if e.image is None:

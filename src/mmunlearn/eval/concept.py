@@ -39,17 +39,9 @@ class Probe:
     target: str
 
 
-def entity_names(bench: Benchmark) -> dict[str, str]:
-    names = dict(bench.info.get("names") or {})
-    for k, v in (bench.info.get("entities") or {}).items():
-        if isinstance(v, dict) and v.get("name"):
-            names.setdefault(k, v["name"])
-    return names
-
-
 def probes(bench: Benchmark, forget: Sequence[str]) -> dict[str, list[Probe]]:
     """Prompt sets per metric for the forget entities (built-in questions or MMUBench's files)."""
-    names = entity_names(bench)
+    names = bench.entity_names()
     out: dict[str, list[Probe]] = {k: [] for k in ("efficacy", "generality", "multilingual", "multihop", "mia")}
     for e in bench.select("forget", forget, kind="vqa"):
         if e.qtype == "identity" and e.task == "gen" and e.purpose == "eval":
@@ -135,7 +127,7 @@ def concept_metrics(
     if gen:
         outs = answers["generality"]
         res["diversity"] = metrics.mean_diversity(outs)
-        names = entity_names(bench)
+        names = bench.entity_names()
         res["geval"] = float(np.mean([
             judge.score(p.example.prompt, o, names.get(p.example.entity, p.target), None) for p, o in zip(gen, outs)
         ]))

@@ -153,7 +153,7 @@ def clear_summary(results: dict) -> dict[str, float]:
 def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg: EvalConfig) -> dict:
     """Every metric of one split and kind."""
     images = ImageCache(bench)
-    names = bench.info.get("names") or {k: v.get("name") for k, v in bench.info.get("entities", {}).items()}
+    names = bench.entity_names()
     r: dict = {}
     if not ex:
         return r

@@ -88,14 +88,8 @@ class Context:
     n_forget_batches: int = 0
     n_retain_batches: int = 0
 
-    def entity_names(self) -> dict[str, str]:
-        """Entity id -> name, from the benchmark's info (``names``, or ``entities[id]["name"]``)."""
-        info = self.bench.info
-        names = info.get("names") or {k: v.get("name") for k, v in info.get("entities", {}).items()}
-        return {k: v for k, v in names.items() if v}
-
     def entity_name(self, entity: str) -> str:
-        names = self.entity_names()
+        names = self.bench.entity_names()
         if not names.get(entity):
             raise ConfigError(f"entity {entity!r} has no name in the benchmark's info; SIU needs the concept's name")
         return names[entity]

@@ -169,7 +169,7 @@ class SIU(Method):
 def build_siu_data(ctx: Context, opt: SIUOptions) -> list[Example]:
     """The four SIU targets for every forget entity, from its first training image and its name."""
     bench, adapter = ctx.bench, ctx.adapter
-    known = ctx.entity_names() | {e: ctx.entity_name(e) for e in ctx.forget_entities}
+    known = ctx.bench.entity_names() | {e: ctx.entity_name(e) for e in ctx.forget_entities}
     unseen = unseen_names(ctx, opt, list(known.values()))
     train = [e for e in bench.examples if e.purpose == "train" and e.split == "people"]
     others = sorted({e.entity for e in train} - set(ctx.forget_entities))

@@ -38,7 +38,7 @@ class TinyConfig:
     """Sizes of the tiny model (about 4M parameters at the defaults)."""
 
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     vision_width: int = 128
     vision_layers: int = 2
     text_width: int = 256
