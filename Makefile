@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # CPU build of torch (an open range would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,6 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
-
-test-slow: venv
-	$(PY) -m pytest -q -m slow
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
