@@ -40,6 +40,7 @@ from mmunlearn.data.convert import (
     ImageStore,
     parquet_files,
     pick_ratios,
+    read_forget_sets,
     read_parquet,
     require_parquet,
     slug,
@@ -114,15 +115,7 @@ def build(src: Path, store: ImageStore, opt: Options) -> tuple[list[Example], di
             raise DataError(f"{where} field 'name': {name!r} is not a person of {full[0].parent}")
         return known[name]
 
-    forget_sets = {}
-    for r in ratios:
-        files = require_parquet(src, [f"forget{r:02d}"], f"forget set of {r}%")
-        members: list[str] = []
-        for where, row in read_parquet(files, ["name"]):
-            entity = person(where, row)
-            if entity not in members:
-                members.append(entity)
-        forget_sets[f"forget{r:02d}"] = members
+    forget_sets = read_forget_sets(src, ratios, lambda r: f"forget{r:02d}", "name", person)
 
     seen_images: set[str] = set()
     perturbed = [f"forget{r:02d}_perturbed" for r in ratios] + ["retain_perturbed"]

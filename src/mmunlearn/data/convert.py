@@ -23,7 +23,7 @@ import tempfile
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,23 @@ def require_parquet(src: Path, names: Sequence[str], what: str) -> list[Path]:
         tried = " or ".join(str(src / n) for n in names)
         raise DataError(f"{src}: missing subset {names[0]!r} ({what}): expected parquet files under {tried}")
     return files
+
+
+def read_forget_sets(
+    src: Path, ratios: Sequence[int], subset: Callable[[int], str], column: str,
+    entity_of: Callable[[str, dict], str],
+) -> dict[str, list[str]]:
+    """``forgetXX`` -> the entity ids of the published forget subset for XX %, in file order, once each."""
+    forget_sets = {}
+    for r in ratios:
+        files = require_parquet(src, [subset(r)], f"forget set of {r}%")
+        members: list[str] = []
+        for where, row in read_parquet(files, [column]):
+            entity = entity_of(where, row)
+            if entity not in members:
+                members.append(entity)
+        forget_sets[f"forget{r:02d}"] = members
+    return forget_sets
 
 
 def read_parquet(

@@ -33,6 +33,7 @@ from mmunlearn.data.convert import (
     ImageStore,
     parquet_files,
     pick_ratios,
+    read_forget_sets,
     read_parquet,
     require_parquet,
 )
@@ -90,17 +91,13 @@ def build(src: Path, store: ImageStore, opt: Options) -> tuple[list[Example], di
         image = store.add_hf_image(row["image"], src, f"{where} field 'image'")
         examples += _questions(row, where, entity, "people", lambda image=image: image, ids)
 
-    forget_sets = {}
-    for r in ratios:
-        files = require_parquet(src, [f"forget_{r}"], f"forget set of {r}%")
-        members: list[str] = []
-        for where, row in read_parquet(files, ["ID"]):
-            entity = _id(row, where)
-            if entity not in names:
-                raise DataError(f"{where} field 'ID': {entity!r} is not one of the profiles in Full_Set")
-            if entity not in members:
-                members.append(entity)
-        forget_sets[f"forget{r:02d}"] = members
+    def profile(where: str, row: dict) -> str:
+        entity = _id(row, where)
+        if entity not in names:
+            raise DataError(f"{where} field 'ID': {entity!r} is not one of the profiles in Full_Set")
+        return entity
+
+    forget_sets = read_forget_sets(src, ratios, lambda r: f"forget_{r}", "ID", profile)
 
     test_files = require_parquet(src, ["Test_Set"], "held-out images of the same people")
     for where, row in read_parquet(test_files, (*EVAL_COLUMNS[1:], "images")):

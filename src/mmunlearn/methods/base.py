@@ -40,6 +40,17 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass
+class KLWeightOptions:
+    """Options of the methods whose only knob is the weight of a KL term to the reference (GA+KL, KL_Min)."""
+
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kl_weight < 0:
+            raise ConfigError(f"option kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclass
 class NoOptions:
     """A method without options."""
 

@@ -7,14 +7,12 @@ KL sees exactly what the CE sees, image included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mmunlearn.errors import ConfigError
 from mmunlearn.methods.base import (
     Batches,
     Context,
+    KLWeightOptions,
     Method,
     forward_logits,
     labels_of,
@@ -24,18 +22,9 @@ from mmunlearn.methods.base import (
 from mmunlearn.methods.losses import answer_ce, kl_to_reference
 
 
-@dataclass
-class GAKLOptions:
-    kl_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kl_weight < 0:
-            raise ConfigError(f"ga_kl option kl_weight must be >= 0, got {self.kl_weight}")
-
-
 @register("ga_kl")
 class GradientAscentKL(Method):
-    Options = GAKLOptions
+    Options = KLWeightOptions
     needs_reference = True
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
 
