@@ -73,7 +73,8 @@ class Engine:
     def __init__(self, adapter: ModelAdapter, cfg: OptimConfig, seed: int = 0) -> None:
         self.adapter, self.cfg = adapter, cfg
         torch.manual_seed(seed)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # the model trains where the caller placed it, next to any frozen reference the method keeps
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
         model = adapter.model
         if cfg.lora is not None:
             model = self._wrap_lora(adapter, cfg)
