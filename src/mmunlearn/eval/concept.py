@@ -18,7 +18,7 @@ from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.eval import metrics
 from mmunlearn.eval.judges import Judge, KeywordJudge
-from mmunlearn.eval.scoring import answer_logprobs
+from mmunlearn.eval.scoring import answer_logprobs, generate_batched
 from mmunlearn.models.base import Item, ModelAdapter
 
 # The identity question in other languages (jailbreak by translation, as MMUBench's multilanguage.json).
@@ -68,13 +68,6 @@ def probes(bench: Benchmark, forget: Sequence[str]) -> dict[str, list[Probe]]:
     return out
 
 
-def _generate(adapter: ModelAdapter, items: list[Item], batch_size: int, max_new_tokens: int) -> list[str]:
-    out: list[str] = []
-    for i in range(0, len(items), batch_size):
-        out += adapter.generate(items[i : i + batch_size], max_new_tokens=max_new_tokens)
-    return out
-
-
 def _mentions_rate(outs: Sequence[str], targets: Sequence[str]) -> float:
     return 100.0 * sum(metrics.mentions(o, t) for o, t in zip(outs, targets)) / len(outs)
 
@@ -115,7 +108,7 @@ def concept_metrics(
         ps = sets[key]
         if not ps:
             continue
-        outs = _generate(adapter, [Item(p.example.prompt, "", images.get(p.example)) for p in ps],
+        outs = generate_batched(adapter, [Item(p.example.prompt, "", images.get(p.example)) for p in ps],
                          batch_size, max_new_tokens)
         answers[key] = outs
         rate = _mentions_rate(outs, [p.target for p in ps])
@@ -137,7 +130,7 @@ def concept_metrics(
             items = [Item(p.example.prompt, p.target, images.get(p.example)) for p in named]
             res["c_dis"] = metrics.concept_divergence(_name_token_probs(reference, items, batch_size),
                                                       _name_token_probs(adapter, items, batch_size))
-        ref_outs = _generate(reference, [Item(p.example.prompt, "", images.get(p.example)) for p in gen],
+        ref_outs = generate_batched(reference, [Item(p.example.prompt, "", images.get(p.example)) for p in gen],
                              batch_size, max_new_tokens)
         res["mia_rougeL_recall"] = float(np.mean([metrics.rouge_l_recall(o, r)
                                                   for o, r in zip(answers["generality"], ref_outs)]))

@@ -20,11 +20,12 @@ from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.eval import metrics
 from mmunlearn.eval.cache import EvalCache
-from mmunlearn.eval.scoring import rank_options
+from mmunlearn.eval.scoring import generate_batched, rank_options
 from mmunlearn.models.base import Item, ModelAdapter
 
 LETTERS = "ABCD"
 MC_SUFFIX = "Just give ONE letter representing the answer directly."
+LETTER_TOKENS = 4  # tokens generated to find the letter when the first token has no alphanumeric character
 
 
 PROTOCOLS = ("mmubench", "mllmu", "clear")
@@ -59,13 +60,6 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def generate(adapter: ModelAdapter, items: Sequence[Item], batch_size: int, max_new_tokens: int) -> list[str]:
-    out: list[str] = []
-    for i in range(0, len(items), batch_size):
-        out += adapter.generate(list(items[i : i + batch_size]), max_new_tokens=max_new_tokens)
-    return out
-
-
 def mc_prompt(e: Example) -> str:
     opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(e.options or []))
     return f"{e.prompt}\n{opts}\n{MC_SUFFIX}"
@@ -75,7 +69,11 @@ def score_mc(adapter: ModelAdapter, ex: list[Example], images: ImageCache, cfg: 
     if cfg.mc_mode == "likelihood":
         return list(rank_options(adapter, ex, images, cfg.batch_size))
     items = [Item(mc_prompt(e), "", images.get(e)) for e in ex]
-    outs = generate(adapter, items, cfg.batch_size, max_new_tokens=2)
+    # the answer is the first alphanumeric character: one token settles it unless that token has none
+    outs = generate_batched(adapter, items, cfg.batch_size, max_new_tokens=1)
+    again = [i for i, o in enumerate(outs) if not any(c.isalnum() for c in o)]
+    for i, o in zip(again, generate_batched(adapter, [items[i] for i in again], cfg.batch_size, LETTER_TOKENS)):
+        outs[i] = o
     letters = [metrics.first_letter(o, LETTERS) for o in outs]
     return [LETTERS.index(x) if x else None for x in letters]
 
@@ -167,7 +165,7 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
             r["mc_acc_identity"] = metrics.mc_accuracy([p for p, _ in ident], [e.answer_index for _, e in ident])
     gen = [e for e in ex if e.task in ("gen", "cloze")]
     if gen:
-        outs = generate(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
+        outs = generate_batched(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
         g = [(e, o) for e, o in zip(gen, outs) if e.task == "gen"]
         c = [(e, o) for e, o in zip(gen, outs) if e.task == "cloze"]
         if g:

@@ -32,6 +32,7 @@ from mmunlearn.data.mmubench import read_siu_json, write_siu_json
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError, DataError
 from mmunlearn.eval.metrics import mentions
+from mmunlearn.eval.scoring import generate_batched
 from mmunlearn.methods.base import (
     Batches,
     Context,
@@ -209,7 +210,7 @@ def build_siu_data(ctx: Context, opt: SIUOptions) -> list[Example]:
             src = rng.choice(pool)
             e = add(src.kind, src.prompt, "", "other", src.image, None)
             pending.append((e, Item(src.prompt, "", ctx.images.get(src))))
-    answers = generate_all(adapter, [it for _, it in pending], opt.max_new_tokens)
+    answers = generate_batched(adapter, [it for _, it in pending], 32, opt.max_new_tokens)
     for (e, _), ans in zip(pending, answers, strict=True):
         e.answer = ans
     kept = [e for e in out if e.answer.strip()]
@@ -235,7 +236,7 @@ def unseen_names(ctx: Context, opt: SIUOptions, known: list[str]) -> list[str]:
     names: list[str] = []
     if opt.unseen_images:
         items = [Item(IDENTITY_QUESTIONS[0], "", open_image(Path(p))) for p in opt.unseen_images]
-        for ans in generate_all(ctx.adapter, items, 16):
+        for ans in generate_batched(ctx.adapter, items, 32, 16):
             cand = ans.strip().rstrip(".").strip()
             if looks_like_name(cand) and not mentions(cand, known) and cand not in names:
                 names.append(cand)
@@ -258,14 +259,6 @@ def looks_like_name(text: str) -> bool:
     return 1 <= len(words) <= 4 and all(re.fullmatch(r"[A-Z][\w'.-]*", w) for w in words)
 
 
-def generate_all(adapter: ModelAdapter, items: list[Item], max_new_tokens: int, batch: int = 32) -> list[str]:
-    was_training = adapter.model.training
-    adapter.model.eval()
-    out: list[str] = []
-    for i in range(0, len(items), batch):
-        out += adapter.generate(items[i : i + batch], max_new_tokens=max_new_tokens)
-    adapter.model.train(was_training)
-    return out
 
 
 def examples_relative(examples: list[Example], image_dir: Path) -> list[Example]:

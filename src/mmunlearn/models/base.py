@@ -7,6 +7,7 @@ in batches and saves ordinary ``save_pretrained`` directories.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -45,6 +46,8 @@ class ModelAdapter:
         self.path = Path(path) if path is not None else None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # rendering a chat template costs more than a tiny model's forward; evaluation repeats prompts a lot
+        self.prompt_text = functools.lru_cache(maxsize=65536)(self.prompt_text)  # type: ignore[method-assign]
 
     @staticmethod
     def load_processor(path: str | Path, **kwargs):
@@ -81,7 +84,7 @@ class ModelAdapter:
         images = [it.image for it in items if it.image is not None]
         if not with_answer:
             return dict(self._process(prompts, images, "left"))
-        texts = [p + self.answer_sep + it.answer + self.answer_end for p, it in zip(prompts, items)]
+        texts = [self._with_answer(p, it.answer) for p, it in zip(prompts, items)]
         full = dict(self._process(texts, images, "right"))
         plen = self._process(prompts, images, "right")["attention_mask"].sum(1)
         labels = full["input_ids"].clone()
@@ -91,6 +94,40 @@ class ModelAdapter:
         full["labels"] = labels
         full["answer_start"] = plen
         return full
+
+    def _with_answer(self, prompt_text: str, answer: str) -> str:
+        return prompt_text + self.answer_sep + answer + self.answer_end
+
+    def answer_token_ids(self, items: list[Item]) -> list[list[int] | None]:
+        """Each answer's token ids (end of turn included) as ``encode`` labels them, from the tokenizer alone.
+
+        Lets a scorer run a prompt once and append its answers to the prompt's KV cache. None where the
+        tokenizer merges across the prompt/answer boundary: such an answer is not a continuation of the
+        prompt's tokens and needs the joint encoding. Image placeholders stay unexpanded here; they only
+        change tokens before the answer.
+        """
+        prompts = [self.prompt_text(it.prompt, it.image is not None) for it in items]
+        unique = list(dict.fromkeys(prompts))
+        prompt_ids = dict(zip(unique, self.tokenizer(unique)["input_ids"]))
+        full_ids = self.tokenizer([self._with_answer(p, it.answer) for p, it in zip(prompts, items)])["input_ids"]
+        out: list[list[int] | None] = []
+        for p, f in zip(prompts, full_ids):
+            n = len(prompt_ids[p])
+            out.append(f[n:] if f[:n] == prompt_ids[p] and len(f) > n else None)
+        return out
+
+    def position_ids(self, enc: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Rotary positions of a left-padded batch as ``generate`` computes them: (B, T), padding at 0.
+
+        None where a family cannot compute them outside the model (then callers do not reuse a KV cache).
+        """
+        return (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+    def image_inputs(self, enc: dict[str, torch.Tensor], images: list[int]) -> dict[str, torch.Tensor]:
+        """The processor's image inputs for a subset of the batch's images (indices in the batch's order)."""
+        if not images:
+            return {}
+        return {"pixel_values": enc["pixel_values"][images]}
 
     def prefix_lengths(self, items: list[Item], prefixes: list[str]) -> torch.Tensor:
         """Token length of prompt + the given answer prefixes (for locating a phrase inside an answer).

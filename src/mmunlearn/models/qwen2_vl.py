@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
+
 from mmunlearn.errors import ModelError
 from mmunlearn.models.base import ModelAdapter
 
@@ -78,6 +80,27 @@ class Qwen2VLAdapter(ModelAdapter):
     @staticmethod
     def load_processor(path: str | Path, **kwargs):
         return load_processor(path, **kwargs)
+
+    def position_ids(self, enc: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """M-RoPE positions (3, B, T): image tokens get (time, row, column) ids, text continues after them.
+
+        None where the processor gives no ``mm_token_type_ids`` for a batch with images (older transformers).
+        """
+        if "mm_token_type_ids" not in enc:
+            return None if "image_grid_thw" in enc else super().position_ids(enc).expand(3, -1, -1)
+        pos, _ = self.model.model.get_rope_index(
+            enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
+            image_grid_thw=enc.get("image_grid_thw"), attention_mask=enc["attention_mask"],
+        )
+        return pos
+
+    def image_inputs(self, enc: dict[str, torch.Tensor], images: list[int]) -> dict[str, torch.Tensor]:
+        """Qwen-VL flattens every image's patches into one tensor; image i owns ``prod(image_grid_thw[i])`` rows."""
+        if not images:
+            return {}
+        patches = torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())
+        return {"pixel_values": torch.cat([patches[i] for i in images]),
+                "image_grid_thw": enc["image_grid_thw"][images]}
 
     def save(self, out_dir: str | Path) -> None:
         super().save(out_dir)
