@@ -3,11 +3,11 @@
     python bench/eval_speed.py [--model DIR] [--data DIR] [--n 96]
 
 The naive loop is what one-off evaluation scripts do: one ``generate()`` per prompt, multiple choice included
-(options in the prompt, the first letter parsed). The batched path is the evaluation runner's: left-padded
-batches of similar length with a KV cache that stop once every sequence has ended, multiple choice either by
-option likelihood (one prompt pass whose KV cache is reused for every option) or by batched generation of at
-most 2 tokens (letter). Without --model a
-freshly built tiny model is used. Prints the times (fastest of --repeat runs) and their ratios.
+(options in the prompt, the first letter parsed). The batched path is the evaluation runner's
+(``mmunlearn.eval.scoring``): left-padded batches of similar length with a KV cache that stop once every
+sequence has ended, multiple choice either by option likelihood (one pass per question, its KV cache reused for
+every option, an image's prefix shared by its questions) or by one generated token per question (letter).
+Without --model a freshly built tiny model is used. Prints the times (fastest of --repeat runs) and ratios.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def concept_metrics(
         if not ps:
             continue
         outs = generate_batched(adapter, [Item(p.example.prompt, "", images.get(p.example)) for p in ps],
-                         batch_size, max_new_tokens)
+                                batch_size, max_new_tokens)
         answers[key] = outs
         rate = _mentions_rate(outs, [p.target for p in ps])
         if key in ("efficacy", "generality"):
@@ -131,7 +131,7 @@ def concept_metrics(
             res["c_dis"] = metrics.concept_divergence(_name_token_probs(reference, items, batch_size),
                                                       _name_token_probs(adapter, items, batch_size))
         ref_outs = generate_batched(reference, [Item(p.example.prompt, "", images.get(p.example)) for p in gen],
-                             batch_size, max_new_tokens)
+                                    batch_size, max_new_tokens)
         res["mia_rougeL_recall"] = float(np.mean([metrics.rouge_l_recall(o, r)
                                                   for o, r in zip(answers["generality"], ref_outs)]))
         ppl = _masked_perplexity(adapter, [p.example for p in gen], ref_outs, [p.target for p in gen], images)

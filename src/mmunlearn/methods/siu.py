@@ -259,8 +259,6 @@ def looks_like_name(text: str) -> bool:
     return 1 <= len(words) <= 4 and all(re.fullmatch(r"[A-Z][\w'.-]*", w) for w in words)
 
 
-
-
 def examples_relative(examples: list[Example], image_dir: Path) -> list[Example]:
     """Image paths relative to ``image_dir`` (read_siu_json returns absolute ones), for a portable copy."""
     root = image_dir.resolve()
