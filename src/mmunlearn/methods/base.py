@@ -33,6 +33,7 @@ import torch
 from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
+from mmunlearn.methods.losses import answer_ce
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.registry import Registry
 
@@ -174,6 +175,11 @@ def forward_logits(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
 
 def labels_of(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
     return batch["labels"].to(next(adapter.model.parameters()).device)
+
+
+def batch_ce(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over a batch's answer tokens: the term every CE-based loss is built from."""
+    return answer_ce(forward_logits(adapter, batch), labels_of(adapter, batch))
 
 
 @torch.no_grad()

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mmunlearn.methods.base import Batches, Context, Method, forward_logits, labels_of, register
-from mmunlearn.methods.losses import answer_ce
+from mmunlearn.methods.base import Batches, Context, Method, batch_ce, register
 
 
 @register("ga")
@@ -16,5 +15,5 @@ class GradientAscent(Method):
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
-        ce = answer_ce(forward_logits(ctx.adapter, batches.forget), labels_of(ctx.adapter, batches.forget))
+        ce = batch_ce(ctx.adapter, batches.forget)
         return -ce, {"forget_ce": float(ce.detach())}

@@ -14,12 +14,13 @@ from mmunlearn.methods.base import (
     Context,
     KLWeightOptions,
     Method,
+    batch_ce,
     forward_logits,
     labels_of,
     reference_logits,
     register,
 )
-from mmunlearn.methods.losses import answer_ce, kl_to_reference
+from mmunlearn.methods.losses import kl_to_reference
 
 
 @register("kl_min")
@@ -31,7 +32,7 @@ class KLMinimisation(Method):
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         a = ctx.adapter
-        ce = answer_ce(forward_logits(a, batches.forget), labels_of(a, batches.forget))
+        ce = batch_ce(a, batches.forget)
         r = batches.retain
         r_logits = forward_logits(a, r)
         kl = kl_to_reference(reference_logits(ctx, r), r_logits, labels_of(a, r))

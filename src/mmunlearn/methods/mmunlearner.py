@@ -26,17 +26,7 @@ import torch
 from mmunlearn.data.batches import BatchStream
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import saliency as S
-from mmunlearn.methods.base import (
-    Batches,
-    Context,
-    Method,
-    Step,
-    count_steps,
-    forward_logits,
-    labels_of,
-    register,
-)
-from mmunlearn.methods.losses import answer_ce
+from mmunlearn.methods.base import Batches, Context, Method, Step, batch_ce, count_steps, register
 from mmunlearn.outputs import write_json
 
 MASK_GROUPS = {"vision": ("vision", "projector"), "language": ("language",)}
@@ -201,7 +191,7 @@ class MMUnlearner(Method):
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         a = ctx.adapter
         if batches.forget is not None:
-            ce = answer_ce(forward_logits(a, batches.forget), labels_of(a, batches.forget))
+            ce = batch_ce(a, batches.forget)
             return -ce, {"forget_ce": float(ce.detach())}
-        ce = answer_ce(forward_logits(a, batches.retain), labels_of(a, batches.retain))
+        ce = batch_ce(a, batches.retain)
         return ce, {"retain_ce": float(ce.detach())}

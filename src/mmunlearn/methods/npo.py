@@ -17,6 +17,7 @@ from mmunlearn.methods.base import (
     Batches,
     Context,
     Method,
+    batch_ce,
     forward_logits,
     labels_of,
     reference_logits,
@@ -61,7 +62,7 @@ class NPO(Method):
             loss = npo_loss(logp, logp_ref, self.opt.beta)
         logs = {"npo": float(loss.detach()), "forget_logratio": float((logp - logp_ref).mean().detach())}
         if self.opt.retain:
-            r = answer_ce(forward_logits(a, batches.retain), labels_of(a, batches.retain))
+            r = batch_ce(a, batches.retain)
             loss = loss + self.opt.retain_weight * r
             logs["retain_ce"] = float(r.detach())
         return loss, logs

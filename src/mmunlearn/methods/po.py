@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmunlearn.errors import ConfigError
-from mmunlearn.methods.base import Batches, Context, Method, forward_logits, labels_of, register
-from mmunlearn.methods.losses import answer_ce
+from mmunlearn.methods.base import Batches, Context, Method, batch_ce, register
 
 REFUSALS = [
     "I don't know who this is.",
@@ -51,6 +50,6 @@ class RefusalTuning(Method):
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         a = ctx.adapter
-        f = answer_ce(forward_logits(a, batches.forget), labels_of(a, batches.forget))
-        r = answer_ce(forward_logits(a, batches.retain), labels_of(a, batches.retain))
+        f = batch_ce(a, batches.forget)
+        r = batch_ce(a, batches.retain)
         return f + self.opt.retain_weight * r, {"refusal_ce": float(f.detach()), "retain_ce": float(r.detach())}

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mmunlearn.errors import ConfigError
-from mmunlearn.methods.base import Batch, forward_logits, labels_of
-from mmunlearn.methods.losses import answer_ce
+from mmunlearn.methods.base import Batch, batch_ce
 from mmunlearn.models.base import ModelAdapter
 
 LINEAR_KEYS = ("proj", "fc", "linear", "mlp", "qkv")
@@ -53,7 +52,7 @@ def importance(
             p.requires_grad_(n in wanted)
         for batch in tqdm(batches, desc=desc or "importance", disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)
-            loss = answer_ce(forward_logits(adapter, batch), labels_of(adapter, batch))
+            loss = batch_ce(adapter, batch)
             count += 1
             if not loss.requires_grad:  # none of ``names`` is on this batch's path (e.g. vision, text-only)
                 continue
