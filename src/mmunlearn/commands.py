@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -124,11 +123,3 @@ def results_markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_results(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"results file does not exist: {p}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON ({e.msg})") from e

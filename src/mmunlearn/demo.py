@@ -19,7 +19,7 @@ from mmunlearn import config as C
 from mmunlearn.data.fictitious import FictitiousConfig
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.eval.runner import EvalConfig
-from mmunlearn.outputs import write_json
+from mmunlearn.outputs import read_json_object, write_json
 from mmunlearn.train.finetune import FinetuneConfig
 
 RESULTS_VERSION = 1
@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
             t = time.time()
             run_unlearn(str(data), str(vanilla), str(out), ucfg, overwrite=True, progress=False)
             timings[f"unlearn_{method}"] = round(time.time() - t, 1)
-        run = cmd.load_results(str(out / cmd.RUN_FILE))
+        run = read_json_object(out / cmd.RUN_FILE, what="run record")
         models[method] = {"path": str(out), "history": run.get("history", [])}
     ecfg = C.build(EvalConfig, {**C.to_dict(cfg.eval), "reference": str(vanilla)})
     for name, m in tqdm(models.items(), desc="evaluate", disable=not progress):

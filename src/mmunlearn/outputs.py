@@ -1,4 +1,5 @@
-"""Atomic output directories: build in a temporary sibling, rename on success, never leave half a result."""
+"""Atomic output directories: build in a temporary sibling, rename on success, never leave half a result.
+Plus the JSON files the commands write and read back."""
 
 from __future__ import annotations
 
@@ -47,3 +48,17 @@ def write_json(path: str | Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
     tmp.replace(path)
+
+
+def read_json_object(path: str | Path, what: str = "results file", hint: str = "") -> dict:
+    """A JSON object written by ``write_json``; ConfigError naming the file if it is missing or not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} does not exist: {p}")
+    try:
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({getattr(e, 'msg', e)})") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{p}: expected a JSON object{hint}, got {type(obj).__name__}")
+    return obj

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mmunlearn.errors import ConfigError, DataError
+from mmunlearn.outputs import read_json_object
 
 MISSING = "–"
 SPLITS = ("forget", "retain", "test", "utility")
@@ -54,16 +54,7 @@ def load_results(paths: list[str] | list[Path]) -> list[dict]:
         p = Path(path)
         if p.is_dir() and (p / "results.json").is_file():
             p = p / "results.json"
-        if not p.is_file():
-            raise ConfigError(f"results file does not exist: {p}")
-        try:
-            obj = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({getattr(e, 'msg', e)})") from e
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{p}: expected a JSON object (from mmunlearn demo or evaluate --out), "
-                              f"got {type(obj).__name__}")
-        out.append(obj)
+        out.append(read_json_object(p, hint=" (from mmunlearn demo or evaluate --out)"))
     return out
 
 
