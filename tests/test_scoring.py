@@ -153,14 +153,18 @@ def test_letter_mode_reads_one_token_and_retries_rows_without_a_letter(small_ben
 def test_questions_about_one_image_share_its_prefix(adapter):
     from mmunlearn.eval.scoring import _shared_prefixes
 
-    enc = adapter.encode(PROMPTS, with_answer=False)
-    group_of, prefix_len, leader = _shared_prefixes(adapter, PROMPTS, enc)
+    def unpadded(prompts: list[Item]) -> list[torch.Tensor]:
+        enc = adapter.encode(prompts, with_answer=False)
+        return [ids[m.bool()] for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+
+    real = unpadded(PROMPTS)
+    group_of, prefix_len, leader = _shared_prefixes(adapter, PROMPTS, real)
     face_rows = [r for r, p in enumerate(PROMPTS) if p.image is FACE]
     assert len({group_of[r] for r in face_rows}) == 1 and group_of.count(group_of[face_rows[0]]) == 3
     n = prefix_len[group_of[face_rows[0]]]
-    ids = enc["input_ids"][face_rows[0]][enc["attention_mask"][face_rows[0]].bool()]
+    ids = real[face_rows[0]]
     image_id = adapter.model.config.image_token_id
     assert (ids[:n] == image_id).sum() == (ids == image_id).sum() > 1, "the shared prefix holds the whole image"
     assert len(prefix_len) == len(set(group_of)) == len(leader) == 4  # FACE, text-only, and two single images
     distinct = [Item("Who is this?", image=picture(seed=s)) for s in range(3)]
-    assert _shared_prefixes(adapter, distinct, adapter.encode(distinct, with_answer=False)) is None
+    assert _shared_prefixes(adapter, distinct, unpadded(distinct)) is None

@@ -152,13 +152,13 @@ def _prompt_pass(adapter: ModelAdapter, prompts: list[Item], enc: dict, pos: tor
     the rest of each question runs on top. Falls back to one plain pass when nothing is shared or an image's
     tokens would not all be in the shared part.
     """
-    plan = _shared_prefixes(adapter, prompts, enc)
+    mask = enc["attention_mask"].bool()
+    real = [enc["input_ids"][r][mask[r]] for r in range(len(prompts))]  # each row's tokens, padding dropped
+    plan = _shared_prefixes(adapter, prompts, real)
     if plan is None:
         res = adapter.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
         return res.past_key_values, torch.log_softmax(res.logits[:, -1].float(), -1), enc["attention_mask"]
     group_of, prefix_len, leader = plan
-    mask = enc["attention_mask"].bool()
-    real = [enc["input_ids"][r][mask[r]] for r in range(len(prompts))]
     real_pos = [pos[..., r, :][..., mask[r]] for r in range(len(prompts))]
     pad = adapter.tokenizer.pad_token_id
     # 1. one row per group: the shared prefix, with the images it contains
@@ -180,20 +180,20 @@ def _prompt_pass(adapter: ModelAdapter, prompts: list[Item], enc: dict, pos: tor
     return cache, torch.log_softmax(res.logits[:, -1].float(), -1), attention
 
 
-def _shared_prefixes(adapter: ModelAdapter, prompts: list[Item], enc: dict):
+def _shared_prefixes(adapter: ModelAdapter, prompts: list[Item], real: list[torch.Tensor]):
     """Per row its group (same image object, or no image), per group the shared prefix length and a leader
-    row; None when no group has two rows or an image's tokens reach past its group's prefix."""
+    row; None when no group has two rows or an image's tokens reach past its group's prefix. ``real`` holds
+    each row's tokens without padding."""
     groups: dict[int, list[int]] = {}
     for r, p in enumerate(prompts):
         groups.setdefault(id(p.image), []).append(r)
     if all(len(rows) < 2 for rows in groups.values()):
         return None
-    mask = enc["attention_mask"].bool()
     image_id = getattr(adapter.model.config, "image_token_id", None)
     group_of = [0] * len(prompts)
     prefix_len, leader = [], []
     for g, rows in enumerate(groups.values()):
-        seqs = [enc["input_ids"][r][mask[r]] for r in rows]
+        seqs = [real[r] for r in rows]
         n = min(len(s) for s in seqs) - 1  # every row keeps at least its last token for the second pass
         for s in seqs[1:]:
             differ = (s[:n] != seqs[0][:n]).nonzero()
