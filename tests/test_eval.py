@@ -77,3 +77,18 @@ def test_limit_caps_questions_per_unit(tiny, small_bench):
     for split in res.values():
         for r in split.values():
             assert r.get("mc_n", 0) + r.get("gen_n", 0) + r.get("cloze_n", 0) <= 3
+
+
+def test_fluency_masks_each_answers_own_name_even_after_an_empty_answer(tiny, small_bench):
+    from mmunlearn.data.batches import ImageCache
+    from mmunlearn.eval.concept import _masked_perplexity
+
+    images = ImageCache(small_bench)
+    e = next(e for e in small_bench.examples if e.qtype == "identity" and e.image and e.purpose == "eval")
+    name = small_bench.entity_names()[e.entity]
+    answer = f"This is {name}, a person."
+    alone = _masked_perplexity(tiny, [e], [answer], [name], images)
+    unmasked = _masked_perplexity(tiny, [e], [answer], ["Nobody Here"], images)
+    after_empty = _masked_perplexity(tiny, [e, e], ["", answer], ["Nobody Here", name], images)
+    assert alone != pytest.approx(unmasked), "the name's tokens are left out"
+    assert after_empty == pytest.approx(alone)

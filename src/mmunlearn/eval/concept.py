@@ -147,20 +147,24 @@ def _masked_perplexity(
     adapter: ModelAdapter, examples: list[Example], answers: list[str], names: list[str], images: ImageCache
 ) -> float | None:
     """Perplexity on the original model's answers; tokens inside a mention of the name are left out."""
-    items = [Item(e.prompt, a, images.get(e)) for e, a in zip(examples, answers) if a.strip()]
-    if not items:
+    kept_rows = [(Item(e.prompt, a, images.get(e)), n) for e, a, n in zip(examples, answers, names) if a.strip()]
+    if not kept_rows:
         return None
+    items = [it for it, _ in kept_rows]
     lps = answer_logprobs(adapter, items)
+    # the name's token span inside each answer that mentions it, from three batched length queries
+    spans = {i: it.answer.lower().find(n.lower()) for i, (it, n) in enumerate(kept_rows)}
+    named = [i for i, at in spans.items() if at >= 0]
+    skip: dict[int, tuple[int, int]] = {}
+    if named:
+        sel = [items[i] for i in named]
+        base = adapter.prefix_lengths(sel, [""] * len(sel))
+        start = adapter.prefix_lengths(sel, [items[i].answer[: spans[i]] for i in named])
+        end = adapter.prefix_lengths(sel, [items[i].answer[: spans[i] + len(kept_rows[i][1])] for i in named])
+        skip = {i: (int(s - b), int(e - b)) for i, b, s, e in zip(named, base, start, end)}
     kept: list[float] = []
-    for it, lp, name in zip(items, lps, names):
-        lo = hi = -1
-        low = it.answer.lower()
-        at = low.find(name.lower())
-        if at >= 0:
-            start = int(adapter.prefix_lengths([it], [it.answer[:at]])[0])
-            end = int(adapter.prefix_lengths([it], [it.answer[: at + len(name)]])[0])
-            base = int(adapter.prefix_lengths([it], [""])[0])
-            lo, hi = start - base, end - base
+    for i, lp in enumerate(lps):
+        lo, hi = skip.get(i, (-1, -1))
         kept += [v for t, v in enumerate(lp) if not lo <= t < hi]
     return metrics.perplexity(kept) if kept else None
 
