@@ -152,16 +152,15 @@ def _masked_perplexity(
         return None
     items = [it for it, _ in kept_rows]
     lps = answer_logprobs(adapter, items)
-    # the name's token span inside each answer that mentions it, from three batched length queries
-    spans = {i: it.answer.lower().find(n.lower()) for i, (it, n) in enumerate(kept_rows)}
-    named = [i for i, at in spans.items() if at >= 0]
+    # the name's token span inside each answer that mentions it, counted from the answer's first token
+    at = {i: it.answer.lower().find(n.lower()) for i, (it, n) in enumerate(kept_rows)}
+    named = [i for i, a in at.items() if a >= 0]
     skip: dict[int, tuple[int, int]] = {}
     if named:
         sel = [items[i] for i in named]
-        base = adapter.prefix_lengths(sel, [""] * len(sel))
-        start = adapter.prefix_lengths(sel, [items[i].answer[: spans[i]] for i in named])
-        end = adapter.prefix_lengths(sel, [items[i].answer[: spans[i] + len(kept_rows[i][1])] for i in named])
-        skip = {i: (int(s - b), int(e - b)) for i, b, s, e in zip(named, base, start, end)}
+        base = adapter.prefix_lengths(sel, [""] * len(sel)).tolist()
+        spans = adapter.answer_token_spans(sel, [(at[i], at[i] + len(kept_rows[i][1])) for i in named])
+        skip = {i: (s - b, e - b) for i, b, (s, e) in zip(named, base, spans)}
     kept: list[float] = []
     for i, lp in enumerate(lps):
         lo, hi = skip.get(i, (-1, -1))

@@ -295,32 +295,20 @@ def target_spans(
 ) -> dict[str, tuple[int, int] | None]:
     """Token positions [start, end) of each example's target phrase in its encoded sequence (None: no phrase).
 
-    Positions count the expanded image tokens (they come from the same processor call as the batch). The
-    prefix before the phrase is right-stripped so that the space joining it to the phrase stays with the
-    phrase's first token, as in the full sequence.
+    Positions count the expanded image tokens (they come from the same processor as the batch); the space
+    joining the phrase to the text before it stays with the phrase's first token (``prefix_lengths``).
     """
-    spans: dict[str, tuple[int, int] | None] = {}
-    todo = []
+    spans: dict[str, tuple[int, int] | None] = {e.id: None for e in examples}
+    todo, chars = [], []
     for e in examples:
-        if not e.target_phrase:
-            spans[e.id] = None
-            continue
-        pos = e.answer.find(e.target_phrase)
-        if pos < 0:
-            raise DataError(f"SIU sample {e.id!r}: target_phrase {e.target_phrase!r} is not in its answer")
-        todo.append((e, e.answer[:pos].rstrip(), e.answer[: pos + len(e.target_phrase)]))
-    for i in range(0, len(todo), 32):
-        chunk = todo[i : i + 32]
-        items = to_items([e for e, _, _ in chunk], images)
-        ends = adapter.prefix_lengths(items, [end for _, _, end in chunk]).tolist()
-        starts = adapter.encode(items)["answer_start"].tolist()
-        with_pre = [j for j, (_, pre, _) in enumerate(chunk) if pre]
-        if with_pre:
-            got = adapter.prefix_lengths([items[j] for j in with_pre], [chunk[j][1] for j in with_pre]).tolist()
-            for j, s in zip(with_pre, got, strict=True):
-                starts[j] = s
-        for (e, _, _), s, t in zip(chunk, starts, ends, strict=True):
-            spans[e.id] = (int(s), int(t))
+        if e.target_phrase:
+            pos = e.answer.find(e.target_phrase)
+            if pos < 0:
+                raise DataError(f"SIU sample {e.id!r}: target_phrase {e.target_phrase!r} is not in its answer")
+            todo.append(e)
+            chars.append((pos, pos + len(e.target_phrase)))
+    for e, span in zip(todo, adapter.answer_token_spans(to_items(todo, images), chars)):
+        spans[e.id] = span
     return spans
 
 

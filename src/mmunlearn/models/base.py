@@ -141,6 +141,19 @@ class ModelAdapter:
         images = [it.image for it in items if it.image is not None]
         return self._process(prompts, images, "right")["attention_mask"].sum(1)
 
+    def answer_token_spans(
+        self, items: list[Item], char_spans: list[tuple[int, int]], batch_size: int = 32
+    ) -> list[tuple[int, int]]:
+        """Token positions [start, end) in the encoded sequence (image tokens expanded) of the answer
+        characters [a, b) of each item: where a phrase inside an answer sits."""
+        out: list[tuple[int, int]] = []
+        for lo in range(0, len(items), batch_size):
+            chunk, spans = items[lo : lo + batch_size], char_spans[lo : lo + batch_size]
+            starts = self.prefix_lengths(chunk, [it.answer[:a] for it, (a, _) in zip(chunk, spans, strict=True)])
+            ends = self.prefix_lengths(chunk, [it.answer[:b] for it, (_, b) in zip(chunk, spans, strict=True)])
+            out += [(int(s), int(e)) for s, e in zip(starts, ends)]
+        return out
+
     # ---- parameters ----------------------------------------------------------------------------------
     def group_of(self, name: str) -> str | None:
         for group, prefixes in self.group_prefixes.items():
