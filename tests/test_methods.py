@@ -19,7 +19,7 @@ from mmunlearn.data.mmubench import read_siu_json
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import METHODS, Batches, Context, Step
-from mmunlearn.methods.base import frozen_reference
+from mmunlearn.methods.reference import frozen_copy
 from mmunlearn.methods.mmunlearner import MMUnlearner, MMUnlearnerOptions
 from mmunlearn.methods.siu import SIU, name_token_ids, name_variants
 from mmunlearn.models.base import IGNORE
@@ -134,6 +134,7 @@ def test_mask_constrains_the_forget_step_only_in_update_mode(world, tmp_path: Pa
     mask = method.step_mask(ctx, Step(forget=True, masked=True))
     engine.step(lambda: method.loss(ctx, _batches(ctx, ctx.forget_data, True)), mask)
     params = dict(adapter.model.named_parameters())
+    mask = {n: m.unpack() for n, m in mask.items()}
     outside = sum(int((params[n] != snap[n])[~m].sum()) for n, m in mask.items())
     unmasked_params = [n for n in params if n not in mask and not torch.equal(params[n], snap[n])]
     inside = sum(int((params[n] != snap[n])[m].sum()) for n, m in mask.items())
@@ -150,13 +151,15 @@ def test_mask_file_and_stats_are_written_and_reusable(world, tmp_path: Path) -> 
     stats = yaml.safe_load((tmp_path / "a" / "mask_stats.json").read_text())
     assert set(stats["groups"]) == {"vision", "projector", "language"}
     assert all(0.0 <= g["fraction"] <= 1.0 for g in stats["groups"].values())
-    assert all(n.endswith(".weight") and m.dim() == 2 for n, m in method.masks.items())
+    assert all(n.endswith(".weight") and len(m.shape) == 2 for n, m in method.masks.items())
+    # 1 bit per entry on disk
+    assert all(m.bits.numel() == -(-m.numel // 8) for m in method.masks.values())
     again = MMUnlearner(MMUnlearnerOptions(masks_path=str(tmp_path / "a" / "masks.safetensors")))
     ctx.out_dir = tmp_path / "b"
     ctx.out_dir.mkdir()
     again.prepare(ctx)
     assert again.masks.keys() == method.masks.keys()
-    assert all(torch.equal(again.masks[n], method.masks[n]) for n in method.masks)
+    assert all(torch.equal(again.masks[n].unpack(), method.masks[n].unpack()) for n in method.masks)
 
 
 def test_mmunlearner_with_lora_refuses_or_maps_explicitly(world, tmp_path: Path) -> None:
@@ -211,7 +214,7 @@ def test_siu_data_file_targets_and_token_mask(world, tmp_path: Path) -> None:
     c = cfg("siu").resolved()
     f, r = training_data(bench, forget, c)
     ctx = Context(adapter, bench, forget, f, r, ImageCache(bench), 4, 0, tmp_path)
-    ctx.reference = frozen_reference(adapter)
+    ctx.reference = frozen_copy(adapter)
     method = SIU(C.build(SIU.Options, FAST["siu"]))
     method.prepare(ctx)
     examples = read_siu_json(tmp_path / "siu_data.json", bench.root)

@@ -8,8 +8,10 @@ A method is one class in one file, registered with one line (``@register("name")
 * ``defaults``: the training settings it is tuned with (steps/epochs, lr, batch size, trainable groups...),
   used wherever the run's configuration leaves a field unset;
 * ``prepare(ctx)`` (optional): build what it needs before training: e.g. its own training data (PO's
-  refusals, SIU's multifaceted data) or a saliency mask; ``needs_reference`` asks the loop for a frozen copy
-  of the vanilla model in ``ctx.reference``;
+  refusals, SIU's multifaceted data) or a saliency mask; ``reference`` asks the loop for the vanilla model in
+  ``ctx.reference``: ``"logits"`` (KL/DMK terms: the LoRA model with adapters disabled, or a frozen copy in
+  the model's dtype) or ``"sequence_logprobs"`` (NPO: log π_ref per forget sequence, precomputed once);
+  see ``methods/reference.py``;
 * ``schedule(ctx, steps, epochs)`` (optional): which batches each optimisation step draws (default: one joint
   step on a forget batch and, if ``uses_retain``, a retain batch) and which steps are masked;
 * ``step_mask(ctx, step)`` (optional): the per-parameter update mask of a masked step;
@@ -21,7 +23,6 @@ tokens, parameter groups, prompts) stays in the model adapter.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ import torch
 from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
-from mmunlearn.methods.losses import answer_ce
+from mmunlearn.methods import answer_states as AS
+from mmunlearn.methods.reference import Reference, hidden_states
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.registry import Registry
 
@@ -93,7 +95,7 @@ class Context:
     seed: int
     out_dir: Path
     lora: bool = False
-    reference: ModelAdapter | None = None
+    reference: Reference | None = None
     engine: Any = None
     progress: bool = False
     artefacts: dict[str, str] = field(default_factory=dict)
@@ -114,7 +116,7 @@ class Method:
     Options: ClassVar[type] = NoOptions
     defaults: ClassVar[dict[str, Any]] = {}
     uses_retain: ClassVar[bool] = False
-    needs_reference: ClassVar[bool] = False
+    reference: ClassVar[str | None] = None  # None | "logits" | "sequence_logprobs"
 
     def __init__(self, options: Any = None) -> None:
         self.opt = options if options is not None else self.Options()
@@ -166,7 +168,8 @@ def count_steps(steps: int | None, epochs: float | None, per_epoch: int) -> int:
 
 
 def forward_logits(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
-    """(B, T, V) logits of a batch from ``adapter.encode`` (labels stay out of the forward)."""
+    """(B, T, V) logits of a batch from ``adapter.encode``: only for the released-code reproductions that
+    need every position; the losses use ``batch_states`` (answer positions only)."""
     inputs = adapter.to_device(batch)
     inputs.pop("labels", None)
     inputs.pop("answer_start", None)
@@ -177,23 +180,18 @@ def labels_of(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
     return batch["labels"].to(next(adapter.model.parameters()).device)
 
 
+def batch_states(adapter: ModelAdapter, batch: Batch) -> AS.AnswerStates:
+    """Final hidden states at the batch's answer positions (the LM head is applied later, in chunks)."""
+    return hidden_states(adapter, batch)
+
+
 def batch_ce(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over a batch's answer tokens: the term every CE-based loss is built from."""
-    return answer_ce(forward_logits(adapter, batch), labels_of(adapter, batch))
+    return AS.ce(batch_states(adapter, batch))
 
 
-@torch.no_grad()
-def reference_logits(ctx: Context, batch: Batch) -> torch.Tensor:
+def reference_states(ctx: Context, batch: Batch) -> AS.AnswerStates:
+    """The reference model's answer-position states on the same batch (no gradient)."""
     if ctx.reference is None:
-        raise ConfigError("this method needs the frozen reference model (set needs_reference = True)")
-    return forward_logits(ctx.reference, batch)
-
-
-def frozen_reference(adapter: ModelAdapter) -> ModelAdapter:
-    """A deep copy of the (vanilla) model in eval mode with every parameter frozen, behind the same adapter.
-
-    Taken before training starts (and before LoRA wraps the model in place), so it stays the vanilla model.
-    """
-    model = copy.deepcopy(adapter.model).eval()
-    model.requires_grad_(False)
-    return type(adapter)(model, adapter.processor, adapter.path)
+        raise ConfigError("this method needs the reference model (set reference = 'logits')")
+    return ctx.reference.states(batch)

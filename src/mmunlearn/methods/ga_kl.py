@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import torch
 
+from mmunlearn.methods import answer_states as AS
 from mmunlearn.methods.base import (
     Batches,
     Context,
     KLWeightOptions,
     Method,
-    forward_logits,
-    labels_of,
-    reference_logits,
+    batch_states,
+    reference_states,
     register,
 )
-from mmunlearn.methods.losses import answer_ce, kl_to_reference
 
 
 @register("ga_kl")
 class GradientAscentKL(Method):
     Options = KLWeightOptions
-    needs_reference = True
+    reference = "logits"
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         b = batches.forget
-        logits, labels = forward_logits(ctx.adapter, b), labels_of(ctx.adapter, b)
-        ce = answer_ce(logits, labels)
-        kl = kl_to_reference(reference_logits(ctx, b), logits, labels)
+        states = batch_states(ctx.adapter, b)
+        ce = AS.ce(states)
+        kl = AS.kl(reference_states(ctx, b), states)
         return -ce + self.opt.kl_weight * kl, {"forget_ce": float(ce.detach()), "forget_kl": float(kl.detach())}

@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import torch
 
+from mmunlearn.methods import answer_states as AS
 from mmunlearn.methods.base import (
     Batches,
     Context,
     KLWeightOptions,
     Method,
     batch_ce,
-    forward_logits,
-    labels_of,
-    reference_logits,
+    batch_states,
+    reference_states,
     register,
 )
-from mmunlearn.methods.losses import kl_to_reference
 
 
 @register("kl_min")
 class KLMinimisation(Method):
     Options = KLWeightOptions
     uses_retain = True
-    needs_reference = True
+    reference = "logits"
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         a = ctx.adapter
         ce = batch_ce(a, batches.forget)
         r = batches.retain
-        r_logits = forward_logits(a, r)
-        kl = kl_to_reference(reference_logits(ctx, r), r_logits, labels_of(a, r))
+        kl = AS.kl(reference_states(ctx, r), batch_states(a, r))
         return -ce + self.opt.kl_weight * kl, {"forget_ce": float(ce.detach()), "retain_kl": float(kl.detach())}

@@ -58,12 +58,29 @@ def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torc
     the reference being the frozen vanilla model.
     """
     lg, _, mask = shift(logits, labels)
-    ref = ref_logits[:, :-1].float()
     if not mask.any():
         raise DataError("a batch has no answer tokens; every training example needs a non-empty answer")
-    log_ref, log_p = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
-    kl = (log_ref.exp() * (log_ref - log_p)).sum(-1)  # (B, T-1)
+    kl = kl_rows(ref_logits[:, :-1].float(), lg)  # (B, T-1)
     return (kl * mask).sum() / mask.sum()
+
+
+def kl_rows(ref_logits: torch.Tensor, logits: torch.Tensor, vocab_drop: Iterable[int] = (),
+            renormalise: bool = False) -> torch.Tensor:
+    """Per position Σ_{v ∉ D} p_ref(v) (log p_ref(v) − log p_θ(v)) over the last (vocabulary) axis.
+
+    D = ``vocab_drop``. Without ``renormalise`` p_ref and p_θ are full-vocabulary softmaxes and the dropped
+    entries are left out of the sum; with it both are re-normalised over the kept vocabulary first.
+    """
+    drop = sorted(set(vocab_drop))
+    if drop:
+        keep_v = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep_v[torch.tensor(drop, device=logits.device)] = False
+        if renormalise:
+            ref_logits, logits = ref_logits[..., keep_v], logits[..., keep_v]
+    log_ref, log_p = torch.log_softmax(ref_logits.float(), -1), torch.log_softmax(logits.float(), -1)
+    if drop and not renormalise:
+        log_ref, log_p = log_ref[..., keep_v], log_p[..., keep_v]
+    return (log_ref.exp() * (log_ref - log_p)).sum(-1)
 
 
 def npo_loss(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float = NPO_BETA) -> torch.Tensor:
@@ -108,17 +125,7 @@ def dmk_loss(
         if token_keep.shape != mask.shape:
             raise DataError(f"DMK token mask has shape {tuple(token_keep.shape)}, expected {tuple(mask.shape)}")
         mask = mask & token_keep.to(mask.device)
-    keep_v = torch.ones(lg.shape[-1], dtype=torch.bool, device=lg.device)
-    drop = sorted(set(vocab_drop))
-    if drop:
-        keep_v[torch.tensor(drop, device=lg.device)] = False
-    if renormalise:
-        log_ref = torch.log_softmax(ref[..., keep_v], -1)
-        log_p = torch.log_softmax(lg[..., keep_v], -1)
-    else:
-        log_ref = torch.log_softmax(ref, -1)[..., keep_v]
-        log_p = torch.log_softmax(lg, -1)[..., keep_v]
-    kl = (log_ref.exp() * (log_ref - log_p)).sum(-1)  # (B, T-1)
+    kl = kl_rows(ref, lg, vocab_drop, renormalise)  # (B, T-1)
     n = mask.sum()
     return (kl * mask).sum() / n.clamp(min=1)
 

@@ -28,6 +28,7 @@ from mmunlearn.errors import ConfigError
 from mmunlearn.methods import saliency as S
 from mmunlearn.methods.base import Batches, Context, Method, Step, batch_ce, count_steps, register
 from mmunlearn.outputs import write_json
+from mmunlearn.train.masks import PackedMask
 
 MASK_GROUPS = {"vision": ("vision", "projector"), "language": ("language",)}
 MASK_FILE, STATS_FILE = "masks.safetensors", "mask_stats.json"
@@ -90,8 +91,8 @@ class MMUnlearner(Method):
 
     def __init__(self, options: MMUnlearnerOptions | None = None) -> None:
         super().__init__(options)
-        self.masks: dict[str, torch.Tensor] = {}
-        self._engine_masks: dict[str, torch.Tensor] | None = None
+        self.masks: dict[str, PackedMask] = {}
+        self._engine_masks: dict[str, PackedMask | torch.Tensor] | None = None
 
     def mask_mode(self) -> str:
         return self.opt.mask_mode
@@ -119,14 +120,15 @@ class MMUnlearner(Method):
                 raise ConfigError(f"{self.opt.masks_path}: masks for unknown parameters, e.g. {unknown[0]!r}")
             self.masks = {n: m for n, m in self.masks.items() if n in names}
         else:
-            self.masks = self._compute(ctx, names, group_of)
-        dev = next(a.model.parameters()).device
-        self.masks = {n: m.to(dev) for n, m in self.masks.items()}
+            self.masks = {n: PackedMask.pack(m) for n, m in self._compute(ctx, names, group_of).items()}
+        params = dict(a.model.named_parameters())
+        self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
         S.save_masks(self.masks, ctx.out_dir / MASK_FILE)
         write_json(ctx.out_dir / STATS_FILE, S.mask_stats(self.masks, group_of))
         ctx.artefacts.update({"masks": MASK_FILE, "mask_stats": STATS_FILE})
 
     def _compute(self, ctx: Context, names: list[str], group_of: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Bool masks per parameter (packed by the caller)."""
         a, b = ctx.adapter, ctx.bench
         fset = ctx.forget_entities
         text = [e for s in ("forget", "retain") for e in b.select(s, fset, purpose="train", kind="qa")]
@@ -178,7 +180,7 @@ class MMUnlearner(Method):
                 continue
             base = ctx.engine.base_name(name.split(".lora_B.")[0]) + ".weight"
             if base in self.masks:
-                rows = self.masks[base].float().mean(1) >= self.opt.row_threshold  # (out,)
+                rows = self.masks[base].unpack().float().mean(1) >= self.opt.row_threshold  # (out,)
                 out[name] = rows.to(p.device)[:, None].expand_as(p).clone()
         if not out:
             raise ConfigError(

@@ -2,7 +2,8 @@
 
 loss = −(2/β) · E_forget[log σ(−β · (log π_θ(y|x) − log π_ref(y|x)))]  (+ w · CE(retain) with ``retain``:
 NPO-RT). log π is the SUM of answer-token log-probabilities of a sequence, as NPO defines it; the released
-MMUnlearner code used a batch-mean CE in its place (``legacy_mean_ce`` reproduces that).
+MMUnlearner code used a batch-mean CE in its place (``legacy_mean_ce`` reproduces that). log π_ref needs no
+reference model during training: it is precomputed once per forget sequence (``methods/reference.py``).
 """
 
 from __future__ import annotations
@@ -13,17 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from mmunlearn.errors import ConfigError
-from mmunlearn.methods.base import (
-    Batches,
-    Context,
-    Method,
-    batch_ce,
-    forward_logits,
-    labels_of,
-    reference_logits,
-    register,
-)
-from mmunlearn.methods.losses import NPO_BETA, answer_ce, npo_loss, sequence_logprob
+from mmunlearn.methods import answer_states as AS
+from mmunlearn.methods.base import Batches, Context, Method, batch_ce, batch_states, register
+from mmunlearn.methods.losses import NPO_BETA, npo_loss
 
 
 @dataclass
@@ -43,7 +36,7 @@ class NPOOptions:
 @register("npo")
 class NPO(Method):
     Options = NPOOptions
-    needs_reference = True
+    reference = "sequence_logprobs"
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
 
     @property
@@ -51,14 +44,15 @@ class NPO(Method):
         return self.opt.retain
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
-        a, f = ctx.adapter, batches.forget
-        logits, labels = forward_logits(a, f), labels_of(a, f)
-        ref = reference_logits(ctx, f)
-        if self.opt.legacy_mean_ce:
-            logp, logp_ref = -answer_ce(logits, labels), -answer_ce(ref, labels)
+        a = ctx.adapter
+        states = batch_states(a, batches.forget)
+        ref_sum, ref_n = ctx.reference.sequence_logprobs(batches.forget_examples)
+        logp = AS.sequence_logprob(states)
+        logp_ref = ref_sum.to(logp.device, logp.dtype)
+        if self.opt.legacy_mean_ce:  # −(batch-mean CE) of both models
+            logp, logp_ref = logp.sum() / states.n, logp_ref.sum() / ref_n.sum().to(logp.device)
             loss = -(2.0 / self.opt.beta) * F.logsigmoid(-self.opt.beta * (logp - logp_ref))
         else:
-            logp, logp_ref = sequence_logprob(logits, labels), sequence_logprob(ref, labels)
             loss = npo_loss(logp, logp_ref, self.opt.beta)
         logs = {"npo": float(loss.detach()), "forget_logratio": float((logp - logp_ref).mean().detach())}
         if self.opt.retain:

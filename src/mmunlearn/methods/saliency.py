@@ -8,17 +8,20 @@ epsilon and small squares underflow in fp16). Mask: M = 1[(F_forget + ε) / (F_p
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods.base import Batch, batch_ce
 from mmunlearn.models.base import ModelAdapter
+from mmunlearn.train.masks import PackedMask
 
 LINEAR_KEYS = ("proj", "fc", "linear", "mlp", "qkv")
 GAMMA, EPS = 1.0, 1e-15
@@ -35,6 +38,8 @@ def importance(
     """F_D for the named parameters (fp32, on their device) over ``batches``; also the number of batches.
 
     Gradients flow only into ``names`` during the pass; every parameter's ``requires_grad`` is restored after.
+    On a GPU the finished scores move to host memory, so that only the one set being scored holds an fp32
+    copy on the device (the mask is then computed on the host and packed to 1 bit per entry).
     """
     model = adapter.model
     params = dict(model.named_parameters())
@@ -68,7 +73,8 @@ def importance(
         model.train(was_training)
     if count == 0:
         raise ConfigError(f"importance ({desc}): no batches to score")
-    return {n: a / count for n, a in acc.items()}, count
+    offload = any(a.is_cuda for a in acc.values())
+    return {n: (a / count).cpu() if offload else a / count for n, a in acc.items()}, count
 
 
 def combine(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
@@ -85,13 +91,13 @@ def saliency_mask(
     return {n: (f_forget[n] + eps) / (f_preserve[n] + eps) >= gamma for n in f_forget}
 
 
-def mask_stats(masks: dict[str, torch.Tensor], group_of: dict[str, str]) -> dict:
+def mask_stats(masks: dict[str, PackedMask], group_of: dict[str, str]) -> dict:
     """Fraction of entries selected per group, per layer (``<group> layer <i>``) and per parameter."""
     groups: dict[str, list[int]] = {}
     layers: dict[str, list[int]] = {}
     per_param = {}
     for n, m in masks.items():
-        sel, tot = int(m.sum()), m.numel()
+        sel, tot = m.count(), m.numel
         per_param[n] = round(sel / tot, 6)
         g = group_of[n]
         groups.setdefault(g, [0, 0])
@@ -106,13 +112,26 @@ def mask_stats(masks: dict[str, torch.Tensor], group_of: dict[str, str]) -> dict
     return {"groups": frac(groups), "layers": frac(layers), "parameters": per_param}
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
+def save_masks(masks: dict[str, PackedMask], path: str | Path) -> None:
+    """1 bit per entry: each mask's packed bytes, with the shapes in the file's metadata."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()}, str(path))
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    save_file({n: m.bits.cpu().contiguous() for n, m in masks.items()}, str(path),
+              metadata={"format": "packed-bits", "shapes": json.dumps(shapes)})
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+def load_masks(path: str | Path) -> dict[str, PackedMask]:
+    """Masks written by ``save_masks`` (or the earlier one-byte-per-entry files)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"mask file does not exist: {p} (option masks_path)")
-    return {n: t.bool() for n, t in load_file(str(p)).items()}
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt file
+        raise ConfigError(f"{p}: not a mask file ({e})") from e
+    if meta.get("format") != "packed-bits":
+        return {n: PackedMask.pack(t.bool()) for n, t in tensors.items()}
+    shapes = json.loads(meta["shapes"])
+    return {n: PackedMask(t, tuple(shapes[n])) for n, t in tensors.items()}

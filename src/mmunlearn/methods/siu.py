@@ -33,16 +33,18 @@ from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError, DataError
 from mmunlearn.eval.metrics import mentions
 from mmunlearn.eval.scoring import generate_batched
+from mmunlearn.methods import answer_states as AS
 from mmunlearn.methods.base import (
     Batches,
     Context,
     Method,
+    batch_states,
     forward_logits,
     labels_of,
-    reference_logits,
+    reference_states,
     register,
 )
-from mmunlearn.methods.losses import answer_ce, dmk_loss, released_dmk_loss
+from mmunlearn.methods.losses import answer_ce, released_dmk_loss
 from mmunlearn.models.base import Item, ModelAdapter
 
 DATA_FILE = "siu_data.json"
@@ -105,7 +107,7 @@ class SIUOptions:
 @register("siu")
 class SIU(Method):
     Options = SIUOptions
-    needs_reference = True
+    reference = "logits"
     # tuned on the built-in benchmark's tiny model (paper, LLaVA-1.5-7B: 2 epochs, LoRA on the LM, projector)
     defaults = {"epochs": 6.0, "lr": 4e-4, "batch_size": 8, "trainable": ("projector", "language")}
 
@@ -140,15 +142,18 @@ class SIU(Method):
     # ---- loss ----------------------------------------------------------------------------------------
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
         a, b, ex = ctx.adapter, batches.forget, batches.forget_examples
-        logits, labels = forward_logits(a, b), labels_of(a, b)
-        ce = answer_ce(logits, labels)
-        ref = reference_logits(ctx, b)
-        if self.opt.legacy_released_code:
+        labels = labels_of(a, b)
+        if self.opt.legacy_released_code:  # every position of the batch: full logits, reproduction only
+            logits = forward_logits(a, b)
+            ce = answer_ce(logits, labels)
             keep = self._token_keep(ex, labels, shift_by=image_tokens(a, b))
-            dmk = released_dmk_loss(ref, logits, keep, self.vocab_drop)
+            dmk = released_dmk_loss(ctx.reference.full_logits(b), logits, keep, self.vocab_drop)
             loss = ce + dmk
         else:
-            dmk = dmk_loss(ref, logits, labels, self._token_keep(ex, labels), self.vocab_drop, self.opt.renormalise)
+            states = batch_states(a, b)
+            ce = AS.ce(states)
+            dmk = AS.kl(reference_states(ctx, b), states, self._token_keep(ex, labels), self.vocab_drop,
+                        self.opt.renormalise)
             loss = self.opt.alpha * ce + self.opt.beta * dmk
         return loss, {"ce": float(ce.detach()), "dmk": float(dmk.detach())}
 

@@ -38,6 +38,13 @@ class ModelAdapter:
     group_prefixes: ClassVar[dict[str, tuple[str, ...]]]
     # text placed between the assistant header and the answer, and after the answer
     answer_sep: ClassVar[str] = ""
+    # attributes of the *ForConditionalGeneration model: the module returning final hidden states, the LM head
+    backbone_attr: ClassVar[str] = "model"
+    head_attr: ClassVar[str] = "lm_head"
+    # decoder-block classes (activation checkpointing, FSDP wrapping) and the LoRA targets of the papers' recipes
+    block_classes: ClassVar[tuple[str, ...]] = ()
+    lm_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj")
 
     def __init__(self, model: torch.nn.Module, processor, path: str | Path | None = None) -> None:
         self.model = model
@@ -153,6 +160,21 @@ class ModelAdapter:
             ends = self.prefix_lengths(chunk, [it.answer[:b] for it, (_, b) in zip(chunk, spans, strict=True)])
             out += [(int(s), int(e)) for s, e in zip(starts, ends)]
         return out
+
+    # ---- the model's parts ---------------------------------------------------------------------------
+    def unwrapped(self) -> torch.nn.Module:
+        """The transformers model under any PEFT wrapper (LoRA layers stay injected in it)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def backbone_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The module that returns the final hidden states (vision tower, projector and LM inside) and the LM
+        head, so losses can apply the head at answer positions only."""
+        m = self.unwrapped()
+        return getattr(m, self.backbone_attr), getattr(m, self.head_attr)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     # ---- parameters ----------------------------------------------------------------------------------
     def group_of(self, name: str) -> str | None:

@@ -14,3 +14,4 @@ class LlavaAdapter(ModelAdapter):
         "language": ("model.language_model.", "lm_head."),
     }
     answer_sep = " "
+    block_classes = ("LlamaDecoderLayer", "CLIPEncoderLayer")

@@ -67,6 +67,7 @@ class Qwen2VLAdapter(ModelAdapter):
         "language": ("model.language_model.", "lm_head."),
     }
     answer_sep = ""
+    block_classes = ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
 
     @property
     def answer_end(self) -> str:

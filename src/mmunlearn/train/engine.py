@@ -1,17 +1,27 @@
 """The one training engine: vanilla fine-tuning and every unlearning method run through ``Engine.step``.
 
 A step is a closure that returns ``(loss, logs)``; the engine does backward, clipping, an optional
-per-parameter update mask, the optimizer and the schedule. Mask modes:
+per-parameter update mask, the optimizer and the schedule.
 
-* ``"update"`` (default): entries outside the mask do not move at all in that step — the parameter values
-  *and* AdamW's moment estimates are restored after ``optimizer.step()``, and parameters absent from the
-  mask are frozen for the step. This is a true constraint even with a shared optimizer.
+Precision: the model computes in its own dtype (bf16 on a GPU by default). Trainable parameters stored in
+bf16/fp16 get fp32 *master* values, which the optimizer updates and the model's weights are rounded from:
+bf16 keeps 8 significant bits, so an update below ~2^-9 of a weight (lr 1e-5 on most 7B weights) would
+otherwise round away. Only trainable entries have masters (LoRA: the adapters, which PEFT keeps in fp32
+anyway). Gradient checkpointing is on by default above ``CHECKPOINT_ABOVE`` parameters.
+
+Mask modes (``mask`` maps parameter names to bool tensors or ``PackedMask``; a name the model does not have is
+an error):
+
+* ``"update"`` (default): only masked entries move in that step — values *and* AdamW moments
+  (``masks.masked_adamw_step``, in place, chunk by chunk, no clone); parameters absent from the mask are frozen
+  for the step. A true constraint even with a shared optimizer.
 * ``"gradient"``: the released MMUnlearner behaviour — gradients are multiplied by the mask, parameters absent
   from the mask keep their full gradient, and optimizer momentum can still move masked entries.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,8 +31,12 @@ from transformers import get_scheduler
 
 from mmunlearn.errors import ConfigError
 from mmunlearn.models.base import ModelAdapter
+from mmunlearn.train.masks import PackedMask, chunk_entries, mask_gradients, masked_adamw_step
 
 GROUPS = ("vision", "projector", "language")
+CHECKPOINT_ABOVE = 1_000_000_000  # parameters; gradient checkpointing on by default above this
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MaskLike = torch.Tensor | PackedMask
 StepFn = Callable[[], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -33,7 +47,18 @@ class LoraOptions:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # default: every nn.Linear inside the trainable groups
+    # module-name suffixes to adapt (e.g. q_proj ... down_proj); default: every nn.Linear inside ``groups``
+    target_modules: list[str] | None = None
+    # groups that get LoRA; other trainable groups train in full (SIU's recipe: LoRA on the LM, projector
+    # fully trained). Default: every trainable group.
+    groups: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("lora needs r >= 1, alpha > 0 and 0 <= dropout < 1")
+        bad = [g for g in self.groups or () if g not in GROUPS]
+        if bad:
+            raise ConfigError(f"lora.groups: unknown parameter group(s) {bad}; choose from {GROUPS}")
 
 
 @dataclass
@@ -48,6 +73,7 @@ class OptimConfig:
     trainable: tuple[str, ...] = GROUPS
     lora: LoraOptions | None = None
     mask_mode: str = "update"
+    gradient_checkpointing: bool | None = None  # None: on above CHECKPOINT_ABOVE parameters
 
     def __post_init__(self) -> None:
         bad = [g for g in (*self.trainable, *self.group_lr) if g not in GROUPS]
@@ -61,12 +87,37 @@ class OptimConfig:
             raise ConfigError("lr must be > 0 and max_steps >= 1")
 
 
-def linear_module_names(adapter: ModelAdapter, groups: tuple[str, ...]) -> list[str]:
-    """Every nn.Linear inside the groups, except the output head (LoRA on it is unusual and not merge-safe)."""
+def linear_module_names(adapter: ModelAdapter, groups: tuple[str, ...], suffixes: list[str] | None = None) -> list[str]:
+    """Every nn.Linear inside the groups (optionally only names ending in ``suffixes``), except the output
+    head (LoRA on it is unusual and not merge-safe)."""
     return [
         n for n, m in adapter.model.named_modules()
         if isinstance(m, torch.nn.Linear) and adapter.group_of(n + ".weight") in groups and not n.endswith("lm_head")
+        and (not suffixes or any(n.split(".")[-1] == x for x in suffixes))
     ]
+
+
+class MasterWeights:
+    """fp32 master values of the low-precision trainable parameters (fp32 parameters are their own master)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.master: dict[torch.nn.Parameter, torch.Tensor] = {}
+        for p in params:
+            if p.dtype in LOW_PRECISION:
+                self.master[p] = p.detach().float().clone().requires_grad_(True)
+
+    def of(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return self.master.get(p, p)
+
+    def grads_to_master(self) -> None:
+        for p, m in self.master.items():
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, m in self.master.items():
+            p.copy_(m)
 
 
 class Engine:
@@ -79,33 +130,54 @@ class Engine:
         if cfg.lora is not None:
             model = self._wrap_lora(adapter, cfg)
         self.model = model
+        self.adapter.model = self.model
         param_groups, self.param_group_of = self._param_groups()
-        self.optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.masters = MasterWeights([p for g in param_groups for p in g["params"]])
+        for g in param_groups:
+            g["params"] = [self.masters.of(p) for p in g["params"]]
+        self.optimizer = self.torch_optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr,
+                                                                  weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(
-            cfg.scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+            cfg.scheduler, self.torch_optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
+        self.gradient_checkpointing = self._checkpointing(adapter, cfg)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.adapter.model = self.model
         self.model.train()
         self.global_step = 0
+        trainable = self.trainable_parameters()
+        self.mask_chunk = chunk_entries(sum(p.numel() for p in trainable.values()))
+        self._masks: tuple[int, dict[torch.Tensor, PackedMask]] | None = None
+
+    @staticmethod
+    def _checkpointing(adapter: ModelAdapter, cfg: OptimConfig) -> bool:
+        on = cfg.gradient_checkpointing
+        if on is None:
+            on = adapter.num_parameters() > CHECKPOINT_ABOVE
+        if on:
+            adapter.unwrapped().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return bool(on)
 
     def _wrap_lora(self, adapter: ModelAdapter, cfg: OptimConfig) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         lo = cfg.lora
-        targets = lo.target_modules or linear_module_names(adapter, cfg.trainable)
+        groups = tuple(g for g in (lo.groups or cfg.trainable) if g in cfg.trainable)
+        targets = linear_module_names(adapter, groups, lo.target_modules)
         if not targets:
-            raise ConfigError(f"no linear layers to put LoRA on in groups {cfg.trainable}")
+            raise ConfigError(f"no linear layers to put LoRA on in groups {groups} (target_modules "
+                              f"{lo.target_modules})")
         peft_cfg = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets)
         return get_peft_model(adapter.model, peft_cfg)
 
     def _param_groups(self) -> tuple[list[dict], dict[str, str]]:
         by_group: dict[str, list[torch.nn.Parameter]] = {g: [] for g in GROUPS}
         group_of: dict[str, str] = {}
+        lora_groups = () if self.cfg.lora is None else (self.cfg.lora.groups or self.cfg.trainable)
         for name, p in self.model.named_parameters():
             base = self.base_name(name)
             g = self.adapter.group_of(base)
-            trainable = g in self.cfg.trainable and (self.cfg.lora is None or "lora_" in name)
+            trainable = g in self.cfg.trainable and (g not in lora_groups or "lora_" in name)
             p.requires_grad_(trainable)
             if trainable:
                 by_group[g].append(p)
@@ -128,45 +200,57 @@ class Engine:
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def step(self, fn: StepFn, mask: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """One optimisation step; ``mask`` maps parameter names to bool tensors of entries allowed to move."""
+    def resolve_mask(self, mask: dict[str, MaskLike]) -> dict[torch.Tensor, PackedMask]:
+        """Map mask names (the model's own, or without PEFT's prefixes) to the optimizer's tensors, packed
+        and on each parameter's device. A name that matches no trainable parameter is an error: a mask that
+        silently applies to nothing is the bug this guards against."""
+        params = dict(self.model.named_parameters())
+        by_base = {self.base_name(n): n for n in params}
+        out: dict[torch.Tensor, PackedMask] = {}
+        for name, m in mask.items():
+            full = name if name in params else by_base.get(name)
+            if full is None:
+                close = difflib.get_close_matches(name, list(by_base), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"mask names parameter {name!r}, which the model does not have{hint}")
+            p = params[full]
+            if not p.requires_grad:
+                raise ConfigError(f"mask names parameter {name!r}, which is not trained in this run")
+            shape = tuple(m.shape) if isinstance(m, PackedMask) else tuple(m.shape)
+            if shape != tuple(p.shape):
+                raise ConfigError(f"mask of {name!r} has shape {shape}, the parameter {tuple(p.shape)}")
+            packed = m if isinstance(m, PackedMask) else PackedMask.pack(m.to(p.device).bool())
+            out[self.masters.of(p)] = packed.to(p.device)
+        return out
+
+    def _resolved(self, mask: dict[str, MaskLike]) -> dict[torch.Tensor, PackedMask]:
+        """``resolve_mask`` once per mask object (methods pass the same mask at every masked step)."""
+        if self._masks is None or self._masks[0] != id(mask):
+            self._masks = (id(mask), self.resolve_mask(mask))
+        return self._masks[1]
+
+    def step(self, fn: StepFn, mask: dict[str, MaskLike] | None = None) -> dict[str, float]:
+        """One optimisation step; ``mask`` maps parameter names to the entries allowed to move."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             loss, logs = fn()
         self.accelerator.backward(loss)
-        if mask is not None and self.cfg.mask_mode == "gradient":
-            for n, p in self.trainable_parameters().items():
-                if n in mask and p.grad is not None:
-                    p.grad.mul_(mask[n].to(p.grad.dtype))
+        self.masters.grads_to_master()
+        resolved = self._resolved(mask) if mask is not None else None
+        if resolved is not None and self.cfg.mask_mode == "gradient":
+            mask_gradients(resolved, self.mask_chunk)
         if self.cfg.grad_clip:
-            gn = self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), self.cfg.grad_clip)
+            grads = [p for g in self.optimizer.param_groups for p in g["params"]]
+            gn = torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip)
             logs["grad_norm"] = float(gn)
-        if mask is not None and self.cfg.mask_mode == "update":
-            self._masked_update(mask)
+        if resolved is not None and self.cfg.mask_mode == "update":
+            masked_adamw_step(self.torch_optimizer, resolved, self.mask_chunk)
+            self.torch_optimizer._opt_called = True  # what the scheduler checks for "optimizer.step() first"
         else:
             self.optimizer.step()
+        self.masters.master_to_model()
         self.scheduler.step()
         self.global_step += 1
         logs["loss"] = float(loss.detach())
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
-
-    def _masked_update(self, mask: dict[str, torch.Tensor]) -> None:
-        """optimizer.step(), then put back every entry outside the mask: its value and its AdamW moments.
-
-        Parameters absent from the mask are frozen for the step. (AdamW's scalar step count still advances.)
-        """
-        saved = []
-        for n, p in self.trainable_parameters().items():
-            keep = ~mask[n].to(p.device) if n in mask else torch.ones_like(p, dtype=torch.bool)
-            state = self.optimizer.state.get(p, {})
-            moments = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
-            saved.append((p, keep, p.detach().clone(), moments))
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, keep, old, moments in saved:
-                p[keep] = old[keep]
-                state = self.optimizer.state[p]
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in state:
-                        state[k][keep] = moments[k][keep] if k in moments else 0.0

@@ -33,7 +33,7 @@ from mmunlearn.errors import ConfigError
 from mmunlearn.eval import metrics
 from mmunlearn.eval.scoring import rank_options
 from mmunlearn.methods import METHODS, Batches, Context, Method
-from mmunlearn.methods.base import frozen_reference
+from mmunlearn.methods import reference as R
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.outputs import atomic_dir, write_json
 from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
@@ -165,9 +165,11 @@ def unlearn(
     ctx = Context(adapter=adapter, bench=bench, forget_entities=forget, forget_data=f_data, retain_data=r_data,
                   images=images, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=Path(out_dir),
                   lora=cfg.lora is not None, progress=progress)
-    if method.needs_reference:
-        ctx.reference = frozen_reference(adapter)
+    if method.reference == "logits" and cfg.lora is None:
+        ctx.reference = R.frozen_copy(adapter)
     method.prepare(ctx)
+    if method.reference == "sequence_logprobs":
+        ctx.reference = R.precomputed(adapter, encoded_batches(adapter, ctx.forget_data, ctx.images, cfg.batch_size))
     t_prep = time.time() - t0
     f_stream = BatchStream(adapter, ctx.forget_data, ctx.images, cfg.batch_size, seed=cfg.seed)
     ctx.n_forget_batches = len(f_stream)
@@ -184,6 +186,8 @@ def unlearn(
         lora=cfg.lora, mask_mode=method.mask_mode(),
     ), seed=cfg.seed)
     ctx.engine = engine
+    if method.reference == "logits" and cfg.lora is not None:
+        ctx.reference = R.adapters_disabled(adapter)
     history, evals = [], []
     bar = tqdm(plan, desc=f"unlearn ({cfg.method})", disable=not progress)
     for i, step in enumerate(bar):
@@ -209,6 +213,13 @@ def unlearn(
         "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
         "history": history, "evals": evals, "artefacts": dict(ctx.artefacts),
     }
+
+
+def encoded_batches(adapter: ModelAdapter, examples: list[Example], images: ImageCache, batch_size: int):
+    """``(examples, encoded batch)`` over ``examples`` in order, ``batch_size`` at a time."""
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        yield chunk, adapter.encode(to_items(chunk, images))
 
 
 @torch.no_grad()
