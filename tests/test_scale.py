@@ -19,7 +19,7 @@ from mmunlearn.methods import reference as R
 from mmunlearn.methods.base import batch_states, forward_logits, labels_of
 from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
 from mmunlearn.train.finetune import training_examples
-from mmunlearn.train.masks import PackedMask, masked_adamw_step
+from mmunlearn.train.masks import PackedMask, clone_and_restore_step, masked_adamw_step
 
 I = -100
 
@@ -88,23 +88,6 @@ def test_model_answer_states_equal_the_full_forward(family: str, small_bench) ->
     torch.testing.assert_close(AS.ce(batch_states(adapter, batch)), full, atol=1e-5, rtol=1e-5)
 
 
-def _old_masked_update(opt: torch.optim.AdamW, params: dict[str, torch.nn.Parameter], mask: dict) -> None:
-    """The engine's previous masked update, transcribed: step, then restore every entry outside the mask."""
-    saved = []
-    for n, p in params.items():
-        keep = ~mask[n] if n in mask else torch.ones_like(p, dtype=torch.bool)
-        state = opt.state.get(p, {})
-        moments = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
-        saved.append((p, keep, p.detach().clone(), moments))
-    opt.step()
-    with torch.no_grad():
-        for p, keep, old, moments in saved:
-            p[keep] = old[keep]
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in opt.state[p]:
-                    opt.state[p][k][keep] = moments[k][keep] if k in moments else 0.0
-
-
 def test_masked_update_equals_the_old_clone_and_restore() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5))
@@ -118,7 +101,7 @@ def test_masked_update_equals_the_old_clone_and_restore() -> None:
             sign = -1.0 if step % 2 else 1.0  # ascent on "forget" steps, descent on "retain" steps
             (sign * ((m(x) - y) ** 2).mean()).backward()
         if step % 2:  # masked step
-            _old_masked_update(opts[0], dict(net.named_parameters()), masks)
+            clone_and_restore_step(opts[0], dict(net.named_parameters()), masks)
             packed = {dict(twin.named_parameters())[n]: PackedMask.pack(m) for n, m in masks.items()}
             masked_adamw_step(opts[1], packed, chunk=40)
         else:
@@ -200,7 +183,7 @@ def test_mask_name_that_matches_nothing_raises(small_bench) -> None:
     fn = lambda: (AS.ce(batch_states(adapter, batch)), {})  # noqa: E731
     with pytest.raises(ConfigError, match="does not have"):
         engine.step(fn, {"model.language_model.layers.0.mlp.gate.weight": torch.ones(3, 3, dtype=torch.bool)})
-    name = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    name = next(n for n, _ in adapter.model.named_parameters() if n.endswith("layers.0.mlp.fc1.weight"))
     with pytest.raises(ConfigError, match="not trained"):
         engine.step(fn, {name: torch.ones_like(dict(adapter.model.named_parameters())[name], dtype=torch.bool)})
 
@@ -227,3 +210,74 @@ def test_gradient_checkpointing_gives_the_same_step(small_bench) -> None:
         e.step(lambda adapter=adapter: (AS.ce(batch_states(adapter, batch)), {}))
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_paper_recipe_for_real_checkpoints_and_tiny_recipe_for_the_tiny_model(monkeypatch, small_bench, tmp_path):
+    from mmunlearn.train import recipes
+    from mmunlearn.train.unlearn import UnlearnConfig, unlearn
+
+    fast = {"non_target_text": 1, "non_target_images": 0, "max_new_tokens": 4}
+    adapter = open_model("tiny", small_bench)
+    log = unlearn(adapter, small_bench, UnlearnConfig(method="siu", forget_set="forget15", steps=1,
+                                                      method_options=fast), tmp_path / "a", progress=False)
+    assert log["recipe"] == "tiny" and log["config"]["lora"] is None and log["config"]["lr"] == 4e-4
+    monkeypatch.setattr(recipes, "TINY_BELOW", 0)  # the tiny model now counts as a real checkpoint
+    adapter = open_model("tiny", small_bench)
+    log = unlearn(adapter, small_bench, UnlearnConfig(method="siu", forget_set="forget15", steps=1,
+                                                      method_options=fast), tmp_path / "b", progress=False)
+    c = log["config"]
+    assert log["recipe"] == "paper" and log["reference"] == "adapters-disabled"
+    assert c["lr"] == 3e-4 and c["group_lr"] == {"projector": 2e-5} and c["scheduler"] == "cosine"
+    assert c["lora"]["r"] == 128 and c["lora"]["alpha"] == 256 and list(c["lora"]["groups"]) == ["language"]
+    assert c["batch_size"] == 4 and c["warmup_ratio"] == 0.03
+    trained = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
+    lora_modules = {n.split(".lora_")[0].split(".")[-1] for n in trained if "lora_" in n}
+    assert lora_modules == set(adapter.lm_lora_targets)
+    assert all("language_model" in n for n in trained if "lora_" in n)
+    assert any("multi_modal_projector" in n and "lora_" not in n for n in trained)  # projector in full
+    assert not any("vision_tower" in n for n in trained)
+    log = unlearn(open_model("tiny", small_bench), small_bench,
+                  UnlearnConfig(method="mmunlearner", forget_set="forget15", steps=1,
+                                method_options={"importance_batches": 1}), tmp_path / "c", progress=False)
+    assert log["recipe"] == "paper" and log["config"]["lr"] == 1e-5 and log["config"]["lora"] is None
+
+
+def test_scoring_uses_the_current_cache_argument(small_bench) -> None:
+    import warnings
+
+    from mmunlearn.eval.scoring import rank_options
+
+    adapter = open_model("tiny", small_bench)
+    ex = [e for e in small_bench.examples if e.task == "mc"][:6]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rank_options(adapter, ex, ImageCache(small_bench))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_scale_bench_tiny_meets_the_memory_targets(tmp_path) -> None:
+    """``bench/scale.py --tiny`` runs every measurement at small shapes and ends with the three figures."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "scale.py"), "--tiny", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    last = run.stdout.strip().splitlines()[-3:]
+    x = float(re.fullmatch(r"masked-update extra memory: ([\d.]+)% of trainable parameter bytes", last[0])[1])
+    y = float(re.fullmatch(r"reference extra memory with LoRA: ([\d.]+) MB", last[1])[1])
+    z = float(re.fullmatch(r"loss peak memory, chunked/full: ([\d.]+)", last[2])[1])
+    assert x <= 10 and y <= 1 and z <= 0.25
+    import json
+
+    res = json.loads((tmp_path / "scale.json").read_text())
+    assert res["masked_update"]["clone_and_restore"]["percent"] > 100 * 1.5  # what the clone cost before
+    assert res["loss_memory"]["vocab"] == 152064
+    for shape in res["shapes"].values():
+        assert {r["method"] for r in shape["steps"]} == {"ga_diff", "kl_min", "npo", "siu", "mmunlearner"}
+        assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in shape["steps"])
+        assert shape["evaluation"]["speedup"] > 1
+    assert (tmp_path / "scale.md").read_text().startswith("# Scale benchmark")

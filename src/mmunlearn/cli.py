@@ -19,6 +19,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmunlearn", description="Machine unlearning for multimodal LLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="'tiny' (built-in) or a model directory")
     p.add_argument("--family", help="model family (tiny, llava, qwen2-vl); default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
+    _dtype(p)
     _common(p)
 
     p = sub.add_parser("unlearn", help="unlearn a forget set (or entities) from a vanilla model")
@@ -42,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="ga, ga_kl, ga_diff, kl_min, npo, po, siu, mmunlearner")
     p.add_argument("--family", help="model family; default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
+    _dtype(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="score a model on every split")
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--out", help="results JSON (a Markdown table is written beside it)")
+    _dtype(p)
     _common(p)
 
     p = sub.add_parser("report", help="Markdown + HTML report with plots from results JSON files")
@@ -93,19 +101,26 @@ def run(args: argparse.Namespace) -> None:
         from mmunlearn.train.finetune import FinetuneConfig
 
         cfg = C.load(FinetuneConfig, args.config, args.set)
-        rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress)
+        rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress,
+                               dtype=args.dtype)
         print(f"wrote {args.out} (trained in {rec['log']['train_seconds']} s)")
     elif args.command == "unlearn":
         from mmunlearn.train.unlearn import UnlearnConfig, run_unlearn
 
         base = {"method": args.method} if args.method else {}
         cfg = C.load(UnlearnConfig, args.config, args.set, base=base)
-        rec = run_unlearn(args.data, args.model, args.out, cfg, args.overwrite, progress, args.family)
+        rec = run_unlearn(args.data, args.model, args.out, cfg, args.overwrite, progress, args.family,
+                          dtype=args.dtype)
+        c = rec["config"]
+        how = f"LoRA r={c['lora']['r']}" if c.get("lora") else "full-parameter"
+        print(f"recipe: {rec['recipe']} ({how}, lr {c['lr']}, batch {c['batch_size']}, "
+              + (f"{c['steps']} steps" if c.get("steps") else f"{c['epochs']} epochs") + ")")
         print(f"wrote {args.out} ({cfg.method}, {rec['seconds']['total']} s)")
     elif args.command == "evaluate":
         from mmunlearn.eval.runner import EvalConfig
 
-        res = cmd.run_evaluate(args.data, args.model, C.load(EvalConfig, args.config, args.set), args.out, progress)
+        res = cmd.run_evaluate(args.data, args.model, C.load(EvalConfig, args.config, args.set), args.out, progress,
+                               dtype=args.dtype)
         print(cmd.results_markdown({args.model: res}))
         if args.out:
             print(f"wrote {args.out}")

@@ -13,7 +13,7 @@ from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError, ModelError
 from mmunlearn.eval.cache import EvalCache, default_cache_dir, fingerprint
 from mmunlearn.eval.runner import EvalConfig, evaluate
-from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter
+from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
 from mmunlearn.outputs import atomic_dir, write_json
@@ -30,18 +30,20 @@ def benchmark_corpus(bench: Benchmark) -> list[str]:
     return texts + ["USER: ASSISTANT:"] * 50
 
 
-def open_model(model: str, bench: Benchmark | None = None, family: str | None = None) -> ModelAdapter:
-    """``tiny`` builds the embedded model for ``bench``; anything else is a model directory (or hub id)."""
+def open_model(model: str, bench: Benchmark | None = None, family: str | None = None,
+               dtype: str = "auto") -> ModelAdapter:
+    """``tiny`` builds the embedded model for ``bench``; anything else is a model directory (or hub id).
+    ``dtype``: auto | bfloat16 | float16 | float32 (auto: bfloat16 on CUDA, float32 on the CPU)."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
     if model == "tiny" or family == "tiny" and not Path(model).is_dir():
         if bench is None:
             raise ConfigError("the tiny model is built from a benchmark: pass --data")
         m, p = build_tiny(benchmark_corpus(bench), TinyConfig())
-        return LlavaAdapter(m.to("cuda" if torch.cuda.is_available() else "cpu"), p)
+        return LlavaAdapter(m.to("cuda" if torch.cuda.is_available() else "cpu", resolve_dtype(dtype)), p)
     if not Path(model).exists() and family is None:
         raise ModelError(f"model directory does not exist: {model}")
-    return load_adapter(model, family=family)
+    return load_adapter(model, family=family, dtype=dtype)
 
 
 def make_data(out: str, cfg: FictitiousConfig, overwrite: bool = False) -> Benchmark:
@@ -49,15 +51,16 @@ def make_data(out: str, cfg: FictitiousConfig, overwrite: bool = False) -> Bench
 
 
 def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: str | None = None,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True, dtype: str = "auto") -> dict:
     bench = Benchmark.load(data)
     protect = (model,) if Path(model).is_dir() else ()
     with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
-        adapter = open_model(model, bench, family)
+        adapter = open_model(model, bench, family, dtype)
         log = finetune(adapter, bench, cfg, progress=progress,
                        checkpoint=lambda step: adapter.save(tmp / "checkpoints" / f"step-{step}"))
         export(adapter, tmp, merge=True)
         record = {"command": "finetune", "data": str(Path(data).resolve()), "base_model": model,
+                  "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   "config": C.to_dict(cfg), "log": log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(tmp / RUN_FILE, record)
     return record
@@ -78,11 +81,12 @@ def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
     adapter.save(out)
 
 
-def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None, progress: bool = True) -> dict:
+def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None, progress: bool = True,
+                 dtype: str = "auto") -> dict:
     bench = Benchmark.load(data)
     bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
-    adapter = open_model(model, bench)
-    reference = open_model(cfg.reference, bench) if cfg.reference else None
+    adapter = open_model(model, bench, dtype=dtype)
+    reference = open_model(cfg.reference, bench, dtype=dtype) if cfg.reference else None
     cache = None
     if cfg.cache and Path(model).is_dir():
         cache = EvalCache(

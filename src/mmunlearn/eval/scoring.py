@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -10,6 +12,21 @@ from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Example
 from mmunlearn.errors import DataError
 from mmunlearn.models.base import IGNORE, Item, ModelAdapter
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.24 on (``past_key_values``
+    is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(res):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
 
 
 def length_batches(items: Sequence[Item], batch_size: int) -> Iterator[list[int]]:
@@ -132,7 +149,7 @@ def _score_shared(
                 cont_pos = cont_pos.expand(3, -1, -1)
             logits = model(
                 input_ids=tokens[:, :-1], attention_mask=torch.cat([attention, mask[:, :-1]], 1),
-                position_ids=cont_pos, past_key_values=cache, use_cache=True,
+                position_ids=cont_pos, use_cache=True, **{cache_kwarg(): cache},
             ).logits.float()
             rest = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]
             total = total + rest.sum(-1)
@@ -157,7 +174,7 @@ def _prompt_pass(adapter: ModelAdapter, prompts: list[Item], enc: dict, pos: tor
     plan = _shared_prefixes(adapter, prompts, real)
     if plan is None:
         res = adapter.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return res.past_key_values, torch.log_softmax(res.logits[:, -1].float(), -1), enc["attention_mask"]
+        return output_cache(res), torch.log_softmax(res.logits[:, -1].float(), -1), enc["attention_mask"]
     group_of, prefix_len, leader = plan
     real_pos = [pos[..., r, :][..., mask[r]] for r in range(len(prompts))]
     pad = adapter.tokenizer.pad_token_id
@@ -168,15 +185,15 @@ def _prompt_pass(adapter: ModelAdapter, prompts: list[Item], enc: dict, pos: tor
     images = adapter.image_inputs(enc, [image_rows.index(r) for r in leader if prompts[r].image is not None])
     res = adapter.model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, **images,
                         use_cache=True, logits_to_keep=1)
-    cache = res.past_key_values
+    cache = output_cache(res)
     index = torch.tensor(group_of, device=pre_ids.device)
     cache.batch_select_indices(index)
     # 2. every question's own tokens on top of its group's prefix
     suf_ids, suf_mask = _pad([real[r][prefix_len[g] :] for r, g in enumerate(group_of)], pad)
     suf_pos, _ = _pad([real_pos[r][..., prefix_len[g] :] for r, g in enumerate(group_of)], 0)
     attention = torch.cat([pre_mask[index], suf_mask], 1)
-    res = adapter.model(input_ids=suf_ids, attention_mask=attention, position_ids=suf_pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+    res = adapter.model(input_ids=suf_ids, attention_mask=attention, position_ids=suf_pos, use_cache=True,
+                        logits_to_keep=1, **{cache_kwarg(): cache})
     return cache, torch.log_softmax(res.logits[:, -1].float(), -1), attention
 
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmunlearn.errors import DataError
 from mmunlearn.methods.losses import kl_rows
-from mmunlearn.models.base import IGNORE
+from mmunlearn.models.base import IGNORE, ModelAdapter
 
 # bytes of fp32 logits one chunk may hold: 64 Mi entries = 256 MB (441 positions at V = 152064)
 CHUNK_LOGITS = 1 << 26
@@ -66,6 +66,17 @@ def select(hidden: torch.Tensor, labels: torch.Tensor, head: Callable, chunk: in
     rows, cols = mask.nonzero(as_tuple=True)
     return AnswerStates(hidden=hidden[:, :-1][rows, cols], targets=target[rows, cols], rows=rows,
                         index=rows * target.shape[1] + cols, batch_size=labels.shape[0], head=head, chunk=chunk)
+
+
+def from_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> AnswerStates:
+    """Answer-position states of ``adapter.model`` on a batch from ``adapter.encode`` (the backbone runs on
+    every position; the LM head is left for the loss, which applies it at answer positions only)."""
+    inputs = adapter.to_device(batch)
+    labels = inputs.pop("labels")
+    inputs.pop("answer_start", None)
+    body, head = adapter.backbone_and_head()
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    return select(hidden, labels, head)
 
 
 def _chunks(states: AnswerStates, fn: Callable[..., torch.Tensor], *per_position: torch.Tensor,

@@ -35,7 +35,7 @@ from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import answer_states as AS
-from mmunlearn.methods.reference import Reference, hidden_states
+from mmunlearn.methods.reference import Reference
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.registry import Registry
 
@@ -182,7 +182,7 @@ def labels_of(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
 
 def batch_states(adapter: ModelAdapter, batch: Batch) -> AS.AnswerStates:
     """Final hidden states at the batch's answer positions (the LM head is applied later, in chunks)."""
-    return hidden_states(adapter, batch)
+    return AS.from_batch(adapter, batch)
 
 
 def batch_ce(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:

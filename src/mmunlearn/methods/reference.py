@@ -27,16 +27,6 @@ from mmunlearn.models.base import ModelAdapter
 KINDS = ("adapters-disabled", "frozen-copy", "precomputed")
 
 
-def hidden_states(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> AS.AnswerStates:
-    """Answer-position states of ``adapter.model`` on a batch from ``adapter.encode``."""
-    inputs = adapter.to_device(batch)
-    labels = inputs.pop("labels")
-    inputs.pop("answer_start", None)
-    body, head = adapter.backbone_and_head()
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    return AS.select(hidden, labels, head)
-
-
 @dataclass
 class Reference:
     """The reference of one run. ``states(batch)`` gives its answer-position states (no gradient);
@@ -51,7 +41,7 @@ class Reference:
         if self.kind == "precomputed" or self.adapter is None:
             raise ConfigError("this reference holds precomputed log-probs only; the method asked for logits")
         with self._active() as adapter:
-            return hidden_states(adapter, batch)
+            return AS.from_batch(adapter, batch)
 
     @torch.no_grad()
     def full_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,7 +123,7 @@ def precomputed(adapter: ModelAdapter, batches: Iterator[tuple[list[Example], di
     out: dict[str, tuple[float, int]] = {}
     try:
         for examples, batch in batches:
-            st = hidden_states(adapter, batch)
+            st = AS.from_batch(adapter, batch)
             lp, n = AS.sequence_logprob(st), AS.answer_token_counts(st)
             for e, v, k in zip(examples, lp.tolist(), n.tolist(), strict=True):
                 out[e.id] = (v, int(k))

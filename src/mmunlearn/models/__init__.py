@@ -18,7 +18,20 @@ ADAPTERS.register("llava")(LlavaAdapter)
 ADAPTERS.register("qwen2-vl")(Qwen2VLAdapter)
 FAMILIES = ("tiny", *ADAPTERS.names())
 
-__all__ = ["ADAPTERS", "FAMILIES", "Item", "ModelAdapter", "load_adapter", "family_of"]
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "family_of", "load_adapter", "resolve_dtype"]
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
+    """``auto``: bfloat16 on CUDA (what 7B checkpoints are trained and served in), float32 on the CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
 
 
 def family_of(path: str | Path) -> str:
@@ -40,10 +53,11 @@ def load_adapter(
     path: str | Path,
     family: str | None = None,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
 ) -> ModelAdapter:
-    """Load a local model directory (or a hub id already in the local cache) with the right adapter."""
+    """Load a local model directory (or a hub id already in the local cache) with the right adapter, in
+    ``dtype`` (see ``resolve_dtype``) with PyTorch's scaled-dot-product attention."""
     from transformers import AutoModelForImageTextToText
 
     local = Path(path).is_dir()
@@ -53,7 +67,9 @@ def load_adapter(
         family = family_of(path)
     cls = ADAPTERS.get("llava" if family == "tiny" else family)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=resolve_dtype(dtype), attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
         processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e

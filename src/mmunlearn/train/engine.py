@@ -191,11 +191,14 @@ class Engine:
 
     @staticmethod
     def base_name(name: str) -> str:
-        """Parameter name without peft's wrapping prefixes, as the adapter's group prefixes expect."""
-        for pre in ("base_model.model.",):
+        """Parameter name without the wrappers' additions (PEFT, DDP, FSDP, activation checkpointing,
+        torch.compile), as the adapter's group prefixes and saved masks know it."""
+        for pre in ("module.", "_orig_mod.", "base_model.model."):
             if name.startswith(pre):
                 name = name[len(pre) :]
-        return name.replace(".base_layer", "")
+        for part in (".base_layer", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+            name = name.replace(part, "")
+        return name
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mmunlearn.data.batches import BatchStream, ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
+from mmunlearn.methods import answer_states as AS
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
 
@@ -115,10 +116,9 @@ def vision_warmup(
 
 
 def ce_loss(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over answer tokens only (labels are -100 elsewhere)."""
-    batch = adapter.to_device(batch)
-    batch.pop("answer_start", None)
-    return adapter.model(**batch).loss
+    """Mean next-token cross-entropy over answer tokens only (labels are -100 elsewhere), with the LM head at
+    answer positions only (``methods/answer_states.py``)."""
+    return AS.ce(AS.from_batch(adapter, batch))
 
 
 def finetune(

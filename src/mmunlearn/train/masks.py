@@ -124,3 +124,25 @@ def mask_gradients(grads: dict[torch.Tensor, PackedMask], chunk: int) -> None:
         for lo in range(0, g.numel(), chunk):
             hi = min(g.numel(), lo + chunk)
             g[lo:hi].mul_(mask.slice(lo, hi).to(g.dtype))
+
+
+def clone_and_restore_step(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                           masks: dict[str, torch.Tensor]) -> None:
+    """The engine's earlier masked update, kept as the reference that ``masked_adamw_step`` is tested and
+    benchmarked against: clone every parameter and both moments, ``optimizer.step()``, then put back every
+    entry outside the mask (≥ 3× the trainable bytes of transient memory). Parameters absent from ``masks``
+    are restored whole."""
+    saved = []
+    for n, p in params.items():
+        keep = ~masks[n].to(p.device) if n in masks else torch.ones_like(p, dtype=torch.bool)
+        state = optimizer.state.get(p, {})
+        moments = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
+        saved.append((p, keep, p.detach().clone(), moments))
+    optimizer.step()
+    with torch.no_grad():
+        for p, keep, old, moments in saved:
+            p[keep] = old[keep]
+            state = optimizer.state[p]
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    state[k][keep] = moments[k][keep] if k in moments else 0.0

@@ -17,6 +17,7 @@ The base model directory is never written to (it is protected as an output path 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from mmunlearn.methods import METHODS, Batches, Context, Method
 from mmunlearn.methods import reference as R
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.outputs import atomic_dir, write_json
+from mmunlearn.train import recipes
 from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
 
 CONFIG_FILE = "unlearn_config.yaml"
@@ -44,7 +46,7 @@ FALLBACK: dict[str, Any] = {
     "batch_size": 8, "lr": 1e-4, "group_lr": {}, "trainable": GROUPS, "scheduler": "constant",
     "forget_kinds": ("vqa",), "retain_kinds": ("vqa", "qa"),
 }
-RESOLVABLE = ("steps", "epochs", *FALLBACK)
+RESOLVABLE = ("steps", "epochs", "warmup_ratio", *FALLBACK)
 
 
 @dataclass
@@ -60,6 +62,11 @@ class UnlearnConfig:
     eval_every: every N steps, log multiple-choice accuracy on forget/retain VQA/QA (0 = never).
     merge: export merged weights (default) or, with LoRA, a PEFT adapter directory.
     method_options: the method's own options (validated by its ``Options`` dataclass).
+    recipe: ``auto`` (the tuned tiny-model settings below 100M parameters, the papers' settings for real
+        checkpoints; ``train/recipes.py``), ``tiny`` or ``paper``: fills the fields left unset.
+    full_parameter: True trains full parameters even where the recipe uses LoRA; False asks for LoRA.
+    warmup_steps / warmup_ratio: linear warm-up length, in steps or as a fraction of the run.
+    gradient_checkpointing: None = on above 1B parameters.
     """
 
     method: str = "mmunlearner"
@@ -73,7 +80,8 @@ class UnlearnConfig:
     trainable: tuple[str, ...] | None = None
     lora: LoraOptions | None = None
     scheduler: str | None = None
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     forget_kinds: tuple[str, ...] | None = None
@@ -82,6 +90,9 @@ class UnlearnConfig:
     eval_every: int = 0
     merge: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "auto"
+    full_parameter: bool | None = None
+    gradient_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
@@ -102,10 +113,17 @@ class UnlearnConfig:
             raise ConfigError("set forget_set (a forget set of the benchmark) or entities (a list of entity ids)")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.recipe not in recipes.NAMES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose from {', '.join(recipes.NAMES)}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.full_parameter and self.lora is not None:
+            raise ConfigError("full_parameter=true and lora options contradict each other; set one")
 
-    def resolved(self) -> UnlearnConfig:
-        """A copy with every unset field filled from the method's defaults, then the global fallback."""
-        d = METHODS.get(self.method).defaults
+    def resolved(self, recipe: dict[str, Any] | None = None) -> UnlearnConfig:
+        """A copy with every unset field filled from ``recipe`` (default: the method's tuned ``defaults``),
+        then the global fallback."""
+        d = METHODS.get(self.method).defaults if recipe is None else recipe
         values: dict[str, Any] = {}
         explicit_length = self.steps is not None or self.epochs is not None
         for name in RESOLVABLE:
@@ -117,6 +135,10 @@ class UnlearnConfig:
                 values[name] = d[name]
             elif name in FALLBACK:
                 values[name] = FALLBACK[name]
+        if self.lora is None and self.full_parameter is not True and d.get("lora") is not None:
+            values["lora"] = C.build(LoraOptions, d["lora"], "recipe lora")
+        elif self.lora is None and self.full_parameter is False:
+            values["lora"] = LoraOptions()
         out = replace(self, **values)
         if out.steps is None and out.epochs is None:
             raise ConfigError(f"method {self.method!r}: set steps or epochs")
@@ -154,7 +176,8 @@ def unlearn(
     adapter: ModelAdapter, bench: Benchmark, cfg: UnlearnConfig, out_dir: Path, progress: bool = True
 ) -> dict:
     """Unlearn in place (``adapter.model`` becomes the trained model); artefacts go to ``out_dir``."""
-    cfg = cfg.resolved()
+    which = recipes.choose(cfg.recipe, adapter)
+    cfg = cfg.resolved(recipes.recipe(cfg.method, METHODS.get(cfg.method).defaults, which, adapter))
     method = build_method(cfg)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     forget = forget_entities(bench, cfg)
@@ -180,10 +203,11 @@ def unlearn(
         r_stream = BatchStream(adapter, ctx.retain_data, images, cfg.batch_size, seed=cfg.seed + 1)
         ctx.n_retain_batches = len(r_stream)
     plan = method.schedule(ctx, cfg.steps, cfg.epochs)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0) * len(plan))
     engine = Engine(adapter, OptimConfig(
         lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
-        warmup_steps=cfg.warmup_steps, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
-        lora=cfg.lora, mask_mode=method.mask_mode(),
+        warmup_steps=warmup, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
+        lora=cfg.lora, mask_mode=method.mask_mode(), gradient_checkpointing=cfg.gradient_checkpointing,
     ), seed=cfg.seed)
     ctx.engine = engine
     if method.reference == "logits" and cfg.lora is not None:
@@ -209,6 +233,8 @@ def unlearn(
     adapter.model.eval()
     return {
         "config": C.to_dict(cfg), "method_options": C.to_dict(method.opt), "forget_entities": forget,
+        "recipe": which, "reference": ctx.reference.kind if ctx.reference is not None else None,
+        "gradient_checkpointing": engine.gradient_checkpointing,
         "steps": len(plan), "forget_examples": len(ctx.forget_data), "retain_examples": len(ctx.retain_data),
         "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
         "history": history, "evals": evals, "artefacts": dict(ctx.artefacts),
@@ -239,7 +265,7 @@ def quick_eval(adapter: ModelAdapter, bench: Benchmark, forget: list[str], image
 
 def run_unlearn(
     data: str, model: str, out: str, cfg: UnlearnConfig, overwrite: bool = False, progress: bool = True,
-    family: str | None = None,
+    family: str | None = None, dtype: str = "auto",
 ) -> dict:
     """Unlearn ``model`` (the vanilla model directory) on benchmark ``data``; write everything to ``out``."""
     from mmunlearn import commands as cmd  # commands imports the training modules
@@ -248,10 +274,11 @@ def run_unlearn(
     forget_entities(bench, cfg)  # fail early on an unknown forget set or entity
     protect = (model,) if Path(model).is_dir() else ()
     with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
-        adapter = cmd.open_model(model, bench, family)
+        adapter = cmd.open_model(model, bench, family, dtype)
         log = unlearn(adapter, bench, cfg, tmp, progress=progress)
         cmd.export(adapter, tmp, merge=cfg.merge)
         record = {"command": "unlearn", "method": cfg.method, "data": str(Path(data).resolve()), "base_model": model,
+                  "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   **log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(tmp / cmd.RUN_FILE, record)
         resolved = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
