@@ -282,7 +282,7 @@ def unlearning_step(shape: Shape, method: str, lora: bool, args, hw: Hardware) -
            "tokens_per_s": round(n_batches * b * t / dt, 1), "mfu": round(flops / dt / hw.peak_flops, 4),
            "peak_bytes": peak.peak, "reference": ctx.reference.kind if ctx.reference else None,
            "reference_extra_bytes": ctx.reference.extra_bytes(adapter.model) if ctx.reference else 0}
-    del engine, adapter, ctx
+
     return out
 
 

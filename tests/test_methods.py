@@ -19,8 +19,8 @@ from mmunlearn.data.mmubench import read_siu_json
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import METHODS, Batches, Context, Step
-from mmunlearn.methods.reference import frozen_copy
 from mmunlearn.methods.mmunlearner import MMUnlearner, MMUnlearnerOptions
+from mmunlearn.methods.reference import frozen_copy
 from mmunlearn.methods.siu import SIU, name_token_ids, name_variants
 from mmunlearn.models.base import IGNORE
 from mmunlearn.models.llava import LlavaAdapter

@@ -21,7 +21,7 @@ from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
 from mmunlearn.train.finetune import training_examples
 from mmunlearn.train.masks import PackedMask, clone_and_restore_step, masked_adamw_step
 
-I = -100
+IGN = -100
 
 
 def _case(seed: int = 0, b: int = 3, t: int = 9, h: int = 8, v: int = 37):
@@ -31,8 +31,8 @@ def _case(seed: int = 0, b: int = 3, t: int = 9, h: int = 8, v: int = 37):
     head = torch.nn.Linear(h, v, bias=False)
     ref_head = torch.nn.Linear(h, v, bias=False)
     labels = torch.randint(0, v, (b, t), generator=g)
-    labels[:, :4] = I  # prompt
-    labels[1, 7:] = I  # padding
+    labels[:, :4] = IGN  # prompt
+    labels[1, 7:] = IGN  # padding
     keep = torch.rand(b, t - 1, generator=g) > 0.3
     return hidden, ref_hidden, head, ref_head, labels, keep
 
@@ -69,15 +69,14 @@ def test_per_row_log_probs_and_counts() -> None:
     states = AS.select(hidden, labels, head, chunk=2)
     torch.testing.assert_close(AS.sequence_logprob(states), L.sequence_logprob(head(hidden), labels), atol=1e-5,
                                rtol=1e-5)
-    assert AS.answer_token_counts(states).tolist() == (labels[:, 1:] != I).sum(1).tolist()
+    assert AS.answer_token_counts(states).tolist() == (labels[:, 1:] != IGN).sum(1).tolist()
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
 def test_model_answer_states_equal_the_full_forward(family: str, small_bench) -> None:
-    from tiny_models import build_llava, build_qwen2_vl
-
     from mmunlearn.models import ADAPTERS
     from mmunlearn.models.base import Item
+    from tiny_models import build_llava, build_qwen2_vl
 
     model, processor = (build_llava if family == "llava" else build_qwen2_vl)()
     adapter = ADAPTERS.get(family)(model, processor)
