@@ -225,9 +225,20 @@ def method_context(adapter, b: int, tmp: Path, lora: bool) -> Context:
                    batch_size=b, seed=0, out_dir=tmp, lora=lora)
 
 
-def unlearning_step(shape: Shape, method: str, lora: bool, args, hw: Hardware) -> dict:
-    """Median step time, tokens/s, MFU and peak memory of ``method`` (``steps`` steps after a warm-up)."""
-    dev, dtype = hw.device, args.dtype
+def unlearning_step(shape: Shape, method: str, mode: str, args, hw: Hardware) -> dict:
+    """Median step time, tokens/s, MFU and peak memory of ``method`` (``steps`` steps after a warm-up) in
+    ``mode``: full (dense AdamW on the LM), lora, or sparse (MMUnlearner: state for the masked entries only)."""
+    try:
+        return _unlearning_step(shape, method, mode, args, hw)
+    except torch.OutOfMemoryError:
+        return {"method": method, "mode": mode, "error": "out of memory"}
+    finally:
+        if hw.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _unlearning_step(shape: Shape, method: str, mode: str, args, hw: Hardware) -> dict:
+    dev, dtype, lora = hw.device, args.dtype, mode == "lora"
     adapter = build(shape, dev, dtype)
     b, t, ans = args.batch, args.seq, args.answer
     forget, retain = batch(shape, b, t, ans, dev, 1), batch(shape, b, t, ans, dev, 2)
@@ -243,16 +254,20 @@ def unlearning_step(shape: Shape, method: str, lora: bool, args, hw: Hardware) -
     trainable = ("language",) if method != "siu" else ("projector", "language")
     lora_opt = LoraOptions(r=128 if method == "siu" else 8, alpha=256 if method == "siu" else 16, dropout=0.0,
                            groups=("language",), target_modules=list(adapter.lm_lora_targets)) if lora else None
+    mask = None
+    if method == "mmunlearner":  # half of every LM linear weight's entries, as a saliency mask at γ = 1 roughly
+        g = torch.Generator(device=dev).manual_seed(0)
+        mask = {n: PackedMask.pack(torch.rand(p.shape, generator=g, device=dev) < args.mask_density)
+                for n, p in adapter.model.named_parameters() if adapter.group_of(n) == "language"
+                and S.maskable(n, p)}
     engine = Engine(adapter, OptimConfig(lr=1e-5, max_steps=1000, trainable=trainable, lora=lora_opt,
-                                         scheduler="constant", gradient_checkpointing=args.checkpointing))
+                                         scheduler="constant", gradient_checkpointing=args.checkpointing),
+                    trainable_masks=mask if mode == "sparse" else None)
     ctx.engine = engine
     if cls.reference == "logits" and lora:
         ctx.reference = R.adapters_disabled(adapter)
-    mask = None
-    if method == "mmunlearner":
-        g = torch.Generator(device=dev).manual_seed(0)
-        mask = {n: PackedMask.pack(torch.rand(p.shape, generator=g, device=dev) < 0.5)
-                for n, p in engine.trainable_parameters().items() if S.maskable(n, p)}
+    if mode == "sparse":
+        mask = None  # every step is confined to the masked entries already
     if method == "siu":
         m.spans, m.vocab_drop = {}, list(range(100, 110))
     plan = [("forget", True), ("retain", False)] if method == "mmunlearner" else [("joint", False)]
@@ -278,7 +293,7 @@ def unlearning_step(shape: Shape, method: str, lora: bool, args, hw: Hardware) -
     n_batches = 2 if (cls.uses_retain or method == "mmunlearner") else 1
     flops = step_flops(shape, sizes, b, t, ans, n_batches, full=not lora,
                        ref=cls.reference == "logits")
-    out = {"method": method, "mode": "lora" if lora else "full", "step_s": round(dt, 4),
+    out = {"method": method, "mode": mode, "step_s": round(dt, 4),
            "tokens_per_s": round(n_batches * b * t / dt, 1), "mfu": round(flops / dt / hw.peak_flops, 4),
            "peak_bytes": peak.peak, "reference": ctx.reference.kind if ctx.reference else None,
            "reference_extra_bytes": ctx.reference.extra_bytes(adapter.model) if ctx.reference else 0}
@@ -438,24 +453,44 @@ def loss_memory(hw: Hardware, args) -> dict:
 
 # ---- memory accounting -----------------------------------------------------------------------------------
 
-# bytes per parameter of the state each mode keeps (weights, gradients, fp32 masters, AdamW moments) with
-# bf16 weights; LoRA's own parameters are negligible at 7B (r = 8 on q..down: ~0.3 %); activations excluded.
-ACCOUNTING = {
-    "full (bf16 weights, fp32 masters + AdamW)": 2 + 2 + 4 + 4 + 8,
-    "LoRA (frozen bf16 base)": 2,
-    "inference / frozen reference copy (bf16)": 2,
-}
 
+def accounting(density: float = 0.5) -> str:
+    """Bytes of model and training state (activations excluded) per method and mode at the 7B shapes, from
+    the parameter counts of the real architectures (built on the meta device: no memory, no time).
 
-def accounting() -> str:
-    n = {"llava-1.5-7b": (7.06e9, 6.74e9), "qwen2-vl-7b": (8.29e9, 7.07e9)}  # (all, LM only)
-    rows = ["| state | B/param | LLaVA-1.5-7B (LM trained) | Qwen2-VL-7B (LM trained) |", "|---|---:|---:|---:|"]
-    for what, bpp in ACCOUNTING.items():
-        cells = []
-        for total, lm in n.values():
-            trained = lm if bpp > 2 else 0
-            cells.append(f"{(2 * (total - trained) + bpp * trained if trained else 2 * total) / 1e9:.0f} GB")
-        rows.append(f"| {what} | {bpp} | " + " | ".join(cells) + " |")
+    Per parameter: bf16 weights 2 B everywhere; dense full-parameter training of the LM adds a bf16 gradient
+    (2), an fp32 master (4) and its gradient (4) and AdamW's two fp32 moments (8) per LM parameter; a frozen
+    reference copy adds the bf16 weights again; LoRA and the adapters-disabled reference add nothing of size;
+    MMUnlearner's sparse state adds 16 B per selected entry (master, its gradient, two moments) and 1 bit per
+    masked-weight entry, plus one dense bf16 gradient of the largest masked weight in flight; saliency holds a
+    bf16 gradient and one fp32 accumulator per scored entry (finished sets go to host memory).
+    """
+    rows = ["| state (activations excluded) | " + " | ".join(SHAPES) + " |", "|---|" + "---:|" * len(SHAPES)]
+    cells: dict[str, list[str]] = {}
+    for shape in SHAPES.values():
+        adapter = build(shape, torch.device("meta"), torch.bfloat16)
+        params = dict(adapter.model.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        lm = [n for n in params if adapter.group_of(n) == "language"]
+        linear = [n for n in lm if S.maskable(n, params[n])]
+        n_lm, n_lin = sum(params[n].numel() for n in lm), sum(params[n].numel() for n in linear)
+        largest = max(params[n].numel() for n in linear)
+        gb = lambda b: f"{b / 1e9:.0f} GB"  # noqa: E731
+        figures = {
+            "parameters (total / LM / LM linear weights)": f"{total / 1e9:.2f}B / {n_lm / 1e9:.2f}B / "
+                                                             f"{n_lin / 1e9:.2f}B",
+            "inference, or LoRA training with the adapters-disabled reference (bf16)": gb(2 * total),
+            "full LM, dense AdamW with fp32 masters (GA_Diff, NPO with precomputed reference)":
+                gb(2 * total + 18 * n_lm),
+            "full LM, dense, + frozen bf16 reference copy (KL_Min, GA+KL, SIU full)": gb(4 * total + 18 * n_lm),
+            f"MMUnlearner sparse, mask density {density}": gb(2 * total + 16 * density * n_lin + n_lin / 8
+                                                              + 2 * largest),
+            "MMUnlearner dense (the update mask inside AdamW)": gb(2 * total + 18 * n_lm + n_lin / 8),
+            "saliency scores (one set on the GPU)": gb(2 * total + 6 * n_lin),
+        }
+        for k, v in figures.items():
+            cells.setdefault(k, []).append(v)
+    rows += [f"| {k} | " + " | ".join(v) + " |" for k, v in cells.items()]
     return "\n".join(rows)
 
 
@@ -486,6 +521,7 @@ def main() -> None:
     args.batch, args.seq, args.answer = (2, 128, 16) if tiny else (8, 1024, 128)
     args.steps = args.steps or (2 if tiny else 5)
     args.checkpointing = None if tiny else True
+    args.mask_density = 0.5
     args.eval_prompts, args.eval_prompt_len, args.new_tokens = (6, 96, 8) if tiny else (64, 640, 16)
     table = TINY if tiny else SHAPES
     result: dict = {"hardware": hw.name, "notes": hw.notes, "tiny": tiny, "dtype": str(args.dtype),
@@ -494,9 +530,9 @@ def main() -> None:
         shape = table[key]
         rows = []
         for method in args.methods.split(","):
-            modes = [False] if method == "mmunlearner" else [True] if method == "siu" else [False, True]
-            for lora in modes:
-                rows.append(unlearning_step(shape, method, lora, args, hw))
+            modes = {"mmunlearner": ["full", "sparse"], "siu": ["lora"]}.get(method, ["full", "lora"])
+            for mode in modes:
+                rows.append(unlearning_step(shape, method, mode, args, hw))
                 print(json.dumps({"shape": shape.name, **rows[-1]}), flush=True)
         result["shapes"][shape.name] = {"steps": rows, "saliency": saliency(shape, args, hw),
                                         "evaluation": evaluation(shape, args, hw)}
@@ -524,7 +560,8 @@ def markdown(r: dict) -> str:
     for name, s in r["shapes"].items():
         lines += [f"## {name}", "", "| method | mode | reference | step (s) | tokens/s | MFU | peak memory |",
                   "|---|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {x['method']} | {x['mode']} | {x['reference'] or '–'} | {x['step_s']} | {x['tokens_per_s']} | "
+        lines += [f"| {x['method']} | {x['mode']} | – | – | – | – | {x['error']} |" if "error" in x else
+                  f"| {x['method']} | {x['mode']} | {x['reference'] or '–'} | {x['step_s']} | {x['tokens_per_s']} | "
                   f"{100 * x['mfu']:.1f} % | {gb(x['peak_bytes'])} |" for x in s["steps"]]
         sal, ev = s["saliency"], s["evaluation"]
         lines += ["", f"Saliency (LM linear weights, {sal['batches']} batches): {sal['seconds']} s, peak "

@@ -278,5 +278,58 @@ def test_scale_bench_tiny_meets_the_memory_targets(tmp_path) -> None:
     for shape in res["shapes"].values():
         assert {r["method"] for r in shape["steps"]} == {"ga_diff", "kl_min", "npo", "siu", "mmunlearner"}
         assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in shape["steps"])
+        assert {r["mode"] for r in shape["steps"] if r["method"] == "mmunlearner"} == {"full", "sparse"}
         assert shape["evaluation"]["speedup"] > 1
     assert (tmp_path / "scale.md").read_text().startswith("# Scale benchmark")
+
+
+def test_sparse_entries_train_like_a_dense_update_mask_at_every_step(small_bench) -> None:
+    """Optimizer state only for the masked entries gives the same weights as dense AdamW whose every step is
+    confined to the mask; entries outside the mask never move; the state is 16 B per selected entry."""
+    a = open_model("tiny", small_bench)
+    b = copy.deepcopy(a)
+    params = dict(a.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in params.items()
+             if a.group_of(n) == "language" and p.dim() == 2 and "proj" in n}
+    cfg = OptimConfig(lr=1e-2, max_steps=4, trainable=("language",), scheduler="constant", grad_clip=0.0)
+    dense = Engine(a, cfg)
+    sparse = Engine(b, cfg, trainable_masks=masks)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    stream = _stream(a, small_bench)
+    for i in range(4):
+        batch = next(stream)
+        sign = -1.0 if i % 2 else 1.0
+        dense.step(lambda: (sign * AS.ce(batch_states(a, batch)), {}), masks)
+        sparse.step(lambda: (sign * AS.ce(batch_states(b, batch)), {}))
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=n)
+        if n in masks:
+            assert torch.equal(q[~masks[n]], start[n][~masks[n]])
+            assert (q[masks[n]] != start[n][masks[n]]).any()
+        else:
+            assert torch.equal(q, start[n]), n
+    selected = sum(int(m.sum()) for m in masks.values())
+    assert sparse.sparse.selected() == selected
+    assert sparse.sparse.state_bytes() <= 16 * selected + sum(m.numel() for m in masks.values()) // 8 + len(masks)
+    assert all(p.grad is None for p in b.model.parameters())  # the dense gradients were freed
+
+
+def test_mmunlearner_sparse_state_keeps_everything_outside_the_mask(small_bench, tmp_path) -> None:
+    from mmunlearn.train.unlearn import UnlearnConfig, unlearn
+
+    adapter = open_model("tiny", small_bench)
+    start = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    opts = {"importance_batches": 1, "state": "sparse"}
+    log = unlearn(adapter, small_bench, UnlearnConfig(method="mmunlearner", forget_set="forget15", steps=3,
+                                                      batch_size=4, method_options=opts), tmp_path, progress=False)
+    from mmunlearn.methods.saliency import load_masks
+
+    masks = {n: m.unpack() for n, m in load_masks(tmp_path / "masks.safetensors").items()}
+    assert log["trainable_entries"] == sum(int(m.sum()) for m in masks.values())
+    for n, p in adapter.model.named_parameters():
+        if n in masks:
+            assert torch.equal(p[~masks[n]], start[n][~masks[n]]), n
+        else:
+            assert torch.equal(p, start[n]), n
+    assert any(not torch.equal(p, start[n]) for n, p in adapter.model.named_parameters())

@@ -15,6 +15,8 @@ A method is one class in one file, registered with one line (``@register("name")
 * ``schedule(ctx, steps, epochs)`` (optional): which batches each optimisation step draws (default: one joint
   step on a forget batch and, if ``uses_retain``, a retain batch) and which steps are masked;
 * ``step_mask(ctx, step)`` (optional): the per-parameter update mask of a masked step;
+* ``trainable_masks(ctx)`` (optional): masks whose entries are the run's only trainable state, in every step
+  (the engine then keeps optimizer state for those entries only; ``train/sparse.py``);
 * ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log.
 
 Methods share the loss helpers of ``losses.py`` and never inherit from each other. Family knowledge (image
@@ -134,6 +136,9 @@ class Method:
         return [Step(forget=True, retain=self.uses_retain)] * n
 
     def step_mask(self, ctx: Context, step: Step) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def trainable_masks(self, ctx: Context) -> dict[str, Any] | None:
         return None
 
     def loss(self, ctx: Context, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:

@@ -32,6 +32,7 @@ from mmunlearn.train.masks import PackedMask
 
 MASK_GROUPS = {"vision": ("vision", "projector"), "language": ("language",)}
 MASK_FILE, STATS_FILE = "masks.safetensors", "mask_stats.json"
+SPARSE_ABOVE = 1_000_000_000  # parameters; above, dense AdamW state for every entry no longer fits one GPU
 
 
 @dataclass
@@ -48,6 +49,10 @@ class MMUnlearnerOptions:
         multiplied by the mask, parameters without a mask take the full ascent gradient, AdamW momentum moves
         masked entries).
     masks_path: reuse masks saved by an earlier run (``masks.safetensors``) instead of computing them.
+    state: ``dense`` (AdamW state for every trained entry; retain steps update everything, forget steps only
+        the masked entries), ``sparse`` (only the masked entries are trainable, in every step, and only they
+        have optimizer state: ``train/sparse.py``; what fits a 7B model on one 80 GB GPU), or ``auto``
+        (sparse above 1B parameters).
     lora_mask: with LoRA, ``error`` (default: stop with a ConfigError) or ``rows``: in a forget step lora_A is
         frozen and row i of lora_B moves only if at least ``row_threshold`` of row i of the base weight's mask
         is selected, so base-weight rows outside the mapped mask stay exactly unchanged (a row-level
@@ -63,6 +68,7 @@ class MMUnlearnerOptions:
     masks_path: str | None = None
     lora_mask: str = "error"
     row_threshold: float = 0.5
+    state: str = "auto"
 
     def __post_init__(self) -> None:
         bad = [g for g in self.groups if g not in MASK_GROUPS]
@@ -76,6 +82,8 @@ class MMUnlearnerOptions:
             raise ConfigError(f"mmunlearner option mask_mode must be 'update' or 'gradient', got {self.mask_mode!r}")
         if self.lora_mask not in ("error", "rows"):
             raise ConfigError(f"mmunlearner option lora_mask must be 'error' or 'rows', got {self.lora_mask!r}")
+        if self.state not in ("auto", "dense", "sparse"):
+            raise ConfigError(f"mmunlearner option state must be auto, dense or sparse, got {self.state!r}")
         if not 0 < self.row_threshold <= 1:
             raise ConfigError(f"mmunlearner option row_threshold must lie in (0, 1], got {self.row_threshold}")
 
@@ -167,7 +175,25 @@ class MMUnlearner(Method):
             plan.append(Step(forget=False, retain=True))
         return plan
 
+    def sparse(self, ctx: Context) -> bool:
+        """Whether only the masked entries are trainable (see the ``state`` option)."""
+        if self.opt.state == "auto":
+            return not ctx.lora and ctx.adapter.num_parameters() > SPARSE_ABOVE
+        return self.opt.state == "sparse"
+
+    def trainable_masks(self, ctx: Context) -> dict[str, PackedMask] | None:
+        if not self.sparse(ctx):
+            return None
+        if ctx.lora:
+            raise ConfigError("mmunlearner option state=sparse trains full weights' entries; it does not combine "
+                              "with LoRA")
+        if self.opt.mask_mode != "update":
+            raise ConfigError("mmunlearner option state=sparse confines every step to the mask; use mask_mode=update")
+        return dict(self.masks)
+
     def step_mask(self, ctx: Context, step: Step) -> dict[str, torch.Tensor] | None:
+        if self.sparse(ctx):
+            return None  # every step is already confined to the masked entries
         if self._engine_masks is None:
             self._engine_masks = self._lora_rows(ctx) if ctx.lora else dict(self.masks)
         return self._engine_masks

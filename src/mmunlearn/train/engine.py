@@ -17,6 +17,10 @@ an error):
   for the step. A true constraint even with a shared optimizer.
 * ``"gradient"``: the released MMUnlearner behaviour — gradients are multiplied by the mask, parameters absent
   from the mask keep their full gradient, and optimizer momentum can still move masked entries.
+
+``trainable_masks`` instead makes the masked entries the run's only trainable state, in every step
+(``train/sparse.py``: fp32 values and AdamW moments for the selected entries only — what lets a saliency-masked
+full-parameter run of a 7B model fit one 80 GB GPU).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from transformers import get_scheduler
 from mmunlearn.errors import ConfigError
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.train.masks import PackedMask, chunk_entries, mask_gradients, masked_adamw_step
+from mmunlearn.train.sparse import SparseTrainer
 
 GROUPS = ("vision", "projector", "language")
 CHECKPOINT_ABOVE = 1_000_000_000  # parameters; gradient checkpointing on by default above this
@@ -121,20 +126,28 @@ class MasterWeights:
 
 
 class Engine:
-    def __init__(self, adapter: ModelAdapter, cfg: OptimConfig, seed: int = 0) -> None:
+    def __init__(self, adapter: ModelAdapter, cfg: OptimConfig, seed: int = 0,
+                 trainable_masks: dict[str, MaskLike] | None = None) -> None:
         self.adapter, self.cfg = adapter, cfg
         torch.manual_seed(seed)
         # the model trains where the caller placed it, next to any frozen reference the method keeps
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
         model = adapter.model
         if cfg.lora is not None:
+            if trainable_masks is not None:
+                raise ConfigError("trainable masks select entries of full weights; they do not combine with LoRA")
             model = self._wrap_lora(adapter, cfg)
         self.model = model
         self.adapter.model = self.model
-        param_groups, self.param_group_of = self._param_groups()
-        self.masters = MasterWeights([p for g in param_groups for p in g["params"]])
-        for g in param_groups:
-            g["params"] = [self.masters.of(p) for p in g["params"]]
+        self.sparse: SparseTrainer | None = None
+        if trainable_masks is not None:
+            param_groups, self.param_group_of = self._sparse_groups(trainable_masks)
+            self.masters = MasterWeights([])
+        else:
+            param_groups, self.param_group_of = self._param_groups()
+            self.masters = MasterWeights([p for g in param_groups for p in g["params"]])
+            for g in param_groups:
+                g["params"] = [self.masters.of(p) for p in g["params"]]
         self.optimizer = self.torch_optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr,
                                                                   weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(
@@ -189,6 +202,38 @@ class Engine:
             raise ConfigError(f"no trainable parameters in groups {self.cfg.trainable}")
         return groups, group_of
 
+    def _sparse_groups(self, masks: dict[str, MaskLike]) -> tuple[list[dict], dict[str, str]]:
+        """Optimizer groups over the selected entries' fp32 values, one per parameter group (its lr)."""
+        packed: dict[torch.nn.Parameter, PackedMask] = {}
+        group_of: dict[str, str] = {}
+        for name, m in masks.items():
+            full, p = self._parameter(name, m)
+            packed[p] = m if isinstance(m, PackedMask) else PackedMask.pack(m.to(p.device).bool())
+            group_of[full] = self.adapter.group_of(self.base_name(full))
+            if group_of[full] not in self.cfg.trainable:
+                raise ConfigError(f"mask names parameter {name!r} of group {group_of[full]!r}, which this run "
+                                  f"does not train (trainable: {self.cfg.trainable})")
+        self.sparse = SparseTrainer(self.model, packed)
+        by_group: dict[str, list[torch.Tensor]] = {}
+        for (full, g), entry in zip(group_of.items(), self.sparse.entries):
+            by_group.setdefault(g, []).append(entry.master)
+        groups = [{"params": ps, "lr": self.cfg.group_lr.get(g, self.cfg.lr), "name": g} for g, ps in by_group.items()]
+        return groups, group_of
+
+    def _parameter(self, name: str, mask: MaskLike) -> tuple[str, torch.nn.Parameter]:
+        """The model parameter a mask names (its own name, or without the wrappers' prefixes), checked."""
+        params = dict(self.model.named_parameters())
+        by_base = {self.base_name(n): n for n in params}
+        full = name if name in params else by_base.get(name)
+        if full is None:
+            close = difflib.get_close_matches(name, list(by_base), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"mask names parameter {name!r}, which the model does not have{hint}")
+        p = params[full]
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ConfigError(f"mask of {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
+        return full, p
+
     @staticmethod
     def base_name(name: str) -> str:
         """Parameter name without the wrappers' additions (PEFT, DDP, FSDP, activation checkpointing,
@@ -201,27 +246,20 @@ class Engine:
         return name
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The model's parameters that receive gradients (with trainable masks: the masked weights)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def resolve_mask(self, mask: dict[str, MaskLike]) -> dict[torch.Tensor, PackedMask]:
         """Map mask names (the model's own, or without PEFT's prefixes) to the optimizer's tensors, packed
         and on each parameter's device. A name that matches no trainable parameter is an error: a mask that
         silently applies to nothing is the bug this guards against."""
-        params = dict(self.model.named_parameters())
-        by_base = {self.base_name(n): n for n in params}
+        if self.sparse is not None:
+            raise ConfigError("this run trains only its trainable masks' entries; a per-step mask adds nothing")
         out: dict[torch.Tensor, PackedMask] = {}
         for name, m in mask.items():
-            full = name if name in params else by_base.get(name)
-            if full is None:
-                close = difflib.get_close_matches(name, list(by_base), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"mask names parameter {name!r}, which the model does not have{hint}")
-            p = params[full]
+            _, p = self._parameter(name, m)
             if not p.requires_grad:
                 raise ConfigError(f"mask names parameter {name!r}, which is not trained in this run")
-            shape = tuple(m.shape) if isinstance(m, PackedMask) else tuple(m.shape)
-            if shape != tuple(p.shape):
-                raise ConfigError(f"mask of {name!r} has shape {shape}, the parameter {tuple(p.shape)}")
             packed = m if isinstance(m, PackedMask) else PackedMask.pack(m.to(p.device).bool())
             out[self.masters.of(p)] = packed.to(p.device)
         return out
@@ -252,6 +290,8 @@ class Engine:
         else:
             self.optimizer.step()
         self.masters.master_to_model()
+        if self.sparse is not None:
+            self.sparse.write_back()
         self.scheduler.step()
         self.global_step += 1
         logs["loss"] = float(loss.detach())

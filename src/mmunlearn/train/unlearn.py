@@ -208,7 +208,7 @@ def unlearn(
         lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
         warmup_steps=warmup, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
         lora=cfg.lora, mask_mode=method.mask_mode(), gradient_checkpointing=cfg.gradient_checkpointing,
-    ), seed=cfg.seed)
+    ), seed=cfg.seed, trainable_masks=method.trainable_masks(ctx))
     ctx.engine = engine
     if method.reference == "logits" and cfg.lora is not None:
         ctx.reference = R.adapters_disabled(adapter)
@@ -235,6 +235,7 @@ def unlearn(
         "config": C.to_dict(cfg), "method_options": C.to_dict(method.opt), "forget_entities": forget,
         "recipe": which, "reference": ctx.reference.kind if ctx.reference is not None else None,
         "gradient_checkpointing": engine.gradient_checkpointing,
+        "trainable_entries": engine.sparse.selected() if engine.sparse is not None else None,
         "steps": len(plan), "forget_examples": len(ctx.forget_data), "retain_examples": len(ctx.retain_data),
         "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
         "history": history, "evals": evals, "artefacts": dict(ctx.artefacts),
