@@ -300,8 +300,8 @@ def test_sparse_entries_train_like_a_dense_update_mask_at_every_step(small_bench
     for i in range(4):
         batch = next(stream)
         sign = -1.0 if i % 2 else 1.0
-        dense.step(lambda: (sign * AS.ce(batch_states(a, batch)), {}), masks)
-        sparse.step(lambda: (sign * AS.ce(batch_states(b, batch)), {}))
+        dense.step(lambda batch=batch, sign=sign: (sign * AS.ce(batch_states(a, batch)), {}), masks)
+        sparse.step(lambda batch=batch, sign=sign: (sign * AS.ce(batch_states(b, batch)), {}))
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=n)
         if n in masks:

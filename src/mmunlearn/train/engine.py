@@ -215,7 +215,7 @@ class Engine:
                                   f"does not train (trainable: {self.cfg.trainable})")
         self.sparse = SparseTrainer(self.model, packed)
         by_group: dict[str, list[torch.Tensor]] = {}
-        for (full, g), entry in zip(group_of.items(), self.sparse.entries):
+        for g, entry in zip(group_of.values(), self.sparse.entries):
             by_group.setdefault(g, []).append(entry.master)
         groups = [{"params": ps, "lr": self.cfg.group_lr.get(g, self.cfg.lr), "name": g} for g, ps in by_group.items()]
         return groups, group_of
