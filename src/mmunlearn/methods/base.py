@@ -13,7 +13,9 @@ A method is one class in one file, registered with one line (``@register("name")
 * ``schedule(ctx, steps, epochs)`` (optional): which batches each optimisation step draws (default: one joint
   step on a forget batch and, if ``uses_retain``, a retain batch) and which steps are masked;
 * ``step_mask(ctx, step)`` (optional): the per-parameter update mask of a masked step;
-* ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log.
+* ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log;
+* ``paper_exact`` / ``paper_exact_defaults`` (optional): the method options and training settings that
+  reproduce the official code, applied by ``UnlearnConfig(paper_exact=True)`` (docs/paper_exact.md).
 
 Methods share the loss helpers of ``losses.py`` and never inherit from each other. Family knowledge (image
 tokens, parameter groups, prompts) stays in the model adapter.
@@ -115,6 +117,9 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     uses_retain: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
+    # method options forced, and training settings defaulted, in paper-exact mode (the official code's)
+    paper_exact: ClassVar[dict[str, Any]] = {}
+    paper_exact_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any = None) -> None:
         self.opt = options if options is not None else self.Options()

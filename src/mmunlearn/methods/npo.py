@@ -45,6 +45,7 @@ class NPO(Method):
     Options = NPOOptions
     needs_reference = True
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
+    paper_exact = {"legacy_mean_ce": True}
 
     @property
     def uses_retain(self) -> bool:  # type: ignore[override]

@@ -29,12 +29,21 @@ def maskable(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.endswith(".weight") and any(k in name for k in LINEAR_KEYS)
 
 
+def official_maskable(name: str) -> bool:
+    """The released training script's filter: a mask is kept for every parameter whose name contains
+    proj / fc / linear / mlp / qkv, whatever its shape (biases and norms inside such modules included)."""
+    return any(k in name for k in LINEAR_KEYS)
+
+
 def importance(
-    adapter: ModelAdapter, batches: Iterable[Batch], names: list[str], progress: bool = False, desc: str = ""
+    adapter: ModelAdapter, batches: Iterable[Batch], names: list[str], progress: bool = False, desc: str = "",
+    official_batches: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """F_D for the named parameters (fp32, on their device) over ``batches``; also the number of batches.
 
     Gradients flow only into ``names`` during the pass; every parameter's ``requires_grad`` is restored after.
+    ``official_batches`` = n runs the released loop instead (``data_process/SFRon.py``): the model in train
+    mode (dropout on) and F += grad² / n accumulated in the parameter's own dtype.
     """
     model = adapter.model
     params = dict(model.named_parameters())
@@ -43,8 +52,9 @@ def importance(
         raise ConfigError(f"importance: unknown parameter(s) {missing[:3]}")
     saved = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
-    model.eval()
-    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    official = official_batches is not None
+    model.train(official)
+    acc = {n: torch.zeros_like(params[n], dtype=params[n].dtype if official else torch.float32) for n in names}
     wanted = set(names)
     count = 0
     try:
@@ -59,7 +69,9 @@ def importance(
             loss.backward()
             for n in names:
                 g = params[n].grad
-                if g is not None:
+                if g is not None and official:
+                    acc[n] += g.square() / official_batches
+                elif g is not None:
                     acc[n] += g.float().square()
     finally:
         model.zero_grad(set_to_none=True)
@@ -68,6 +80,8 @@ def importance(
         model.train(was_training)
     if count == 0:
         raise ConfigError(f"importance ({desc}): no batches to score")
+    if official:
+        return acc, count
     return {n: a / count for n, a in acc.items()}, count
 
 

@@ -6,8 +6,9 @@ per-parameter update mask, the optimizer and the schedule. Mask modes:
 * ``"update"`` (default): entries outside the mask do not move at all in that step — the parameter values
   *and* AdamW's moment estimates are restored after ``optimizer.step()``, and parameters absent from the
   mask are frozen for the step. This is a true constraint even with a shared optimizer.
-* ``"gradient"``: the released MMUnlearner behaviour — gradients are multiplied by the mask, parameters absent
-  from the mask keep their full gradient, and optimizer momentum can still move masked entries.
+* ``"gradient"``: the released MMUnlearner behaviour — gradients are clipped, then multiplied by the mask,
+  parameters absent from the mask keep their full gradient, and optimizer momentum can still move masked
+  entries.
 """
 
 from __future__ import annotations
@@ -134,13 +135,13 @@ class Engine:
         with self.accelerator.autocast():
             loss, logs = fn()
         self.accelerator.backward(loss)
-        if mask is not None and self.cfg.mask_mode == "gradient":
-            for n, p in self.trainable_parameters().items():
-                if n in mask and p.grad is not None:
-                    p.grad.mul_(mask[n].to(p.grad.dtype))
         if self.cfg.grad_clip:
             gn = self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), self.cfg.grad_clip)
             logs["grad_norm"] = float(gn)
+        if mask is not None and self.cfg.mask_mode == "gradient":  # after clipping, as the released script
+            for n, p in self.trainable_parameters().items():
+                if n in mask and p.grad is not None:
+                    p.grad.mul_(mask[n].to(p.grad.dtype))
         if mask is not None and self.cfg.mask_mode == "update":
             self._masked_update(mask)
         else:

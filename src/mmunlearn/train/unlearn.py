@@ -60,6 +60,9 @@ class UnlearnConfig:
     eval_every: every N steps, log multiple-choice accuracy on forget/retain VQA/QA (0 = never).
     merge: export merged weights (default) or, with LoRA, a PEFT adapter directory.
     method_options: the method's own options (validated by its ``Options`` dataclass).
+    paper_exact: reproduce the official code (docs/paper_exact.md): the method's ``paper_exact`` options are
+        forced (a contradicting explicit option is an error) and its ``paper_exact_defaults`` fill unset
+        training fields before its tuned defaults do.
     """
 
     method: str = "mmunlearner"
@@ -82,10 +85,11 @@ class UnlearnConfig:
     eval_every: int = 0
     merge: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
+    paper_exact: bool = False
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
-        method_options(cls, self.method_options)  # fail early on a bad option
+        effective_options(cls, self.method_options, self.paper_exact)  # fail early on a bad option
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
@@ -105,7 +109,8 @@ class UnlearnConfig:
 
     def resolved(self) -> UnlearnConfig:
         """A copy with every unset field filled from the method's defaults, then the global fallback."""
-        d = METHODS.get(self.method).defaults
+        cls = METHODS.get(self.method)
+        d = cls.defaults | cls.paper_exact_defaults if self.paper_exact else cls.defaults
         values: dict[str, Any] = {}
         explicit_length = self.steps is not None or self.epochs is not None
         for name in RESOLVABLE:
@@ -127,9 +132,25 @@ def method_options(cls: type[Method], options: dict[str, Any]) -> Any:
     return C.build(cls.Options, options, f"method_options ({cls.name})")
 
 
+def effective_options(cls: type[Method], options: dict[str, Any], paper_exact: bool = False) -> Any:
+    """The method's options; in paper-exact mode with ``cls.paper_exact`` forced on top. An explicit option
+    that contradicts a paper-exact one is a ConfigError (the run could not be both)."""
+    if not paper_exact:
+        return method_options(cls, options)
+    given = method_options(cls, options)
+    exact = method_options(cls, {**options, **cls.paper_exact})
+    for key, value in cls.paper_exact.items():
+        if key in options and getattr(given, key) != getattr(exact, key):
+            raise ConfigError(
+                f"method_options.{key}={options[key]!r} contradicts paper_exact=true ({cls.name}'s official code "
+                f"uses {value!r}); drop one of them"
+            )
+    return exact
+
+
 def build_method(cfg: UnlearnConfig) -> Method:
     cls = METHODS.get(cfg.method)
-    return cls(method_options(cls, cfg.method_options))
+    return cls(effective_options(cls, cfg.method_options, cfg.paper_exact))
 
 
 def forget_entities(bench: Benchmark, cfg: UnlearnConfig) -> list[str]:
@@ -204,6 +225,7 @@ def unlearn(
             adapter.model.train()
     adapter.model.eval()
     return {
+        "mode": "paper_exact" if cfg.paper_exact else "default",
         "config": C.to_dict(cfg), "method_options": C.to_dict(method.opt), "forget_entities": forget,
         "steps": len(plan), "forget_examples": len(ctx.forget_data), "retain_examples": len(ctx.retain_data),
         "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
