@@ -131,6 +131,13 @@ def mentions(text: str, names: Names) -> bool:
     return _names_pattern(_names_tuple(names)).search(text) is not None
 
 
+def contains_raw(text: str, target: str) -> bool:
+    """The released MMUBench check (SIU's ``evalaccurcy.py``): ``target.lower() in text.lower()``, a plain
+    substring, so "yes" is found in "eyes" and "trump" in "trumpet". Paper-exact mode only; ``mentions`` is the
+    default."""
+    return target.lower() in text.lower()
+
+
 def generality_em(responses: Sequence[str], names: Names) -> float:
     """MMUBench generality EM: % of ``responses`` that do NOT mention the concept (see ``mentions``).
 
@@ -165,10 +172,19 @@ def diversity(text: str) -> float:
     return 100.0 * len(set(tokens)) / len(tokens)
 
 
-def mean_diversity(texts: Sequence[str]) -> float:
-    """MMUBench diversity: the mean of ``diversity(t)`` over ``texts``. Higher = better."""
+def released_diversity(text: str) -> float:
+    """Diversity as SIU's ``diversity.py`` counts it: 100 * #unique / #words with words = ``text.split()``
+    (case kept, punctuation attached: "Paris" and "Paris." differ). No words -> 0.0. Higher = more diverse."""
+    tokens = text.split()
+    return 100.0 * len(set(tokens)) / len(tokens) if tokens else 0.0
+
+
+def mean_diversity(texts: Sequence[str], released: bool = False) -> float:
+    """MMUBench diversity: the mean of ``diversity(t)`` (``released_diversity`` with ``released``) over
+    ``texts``. Higher = better."""
     _check_nonempty(texts, "texts")
-    return float(np.mean([diversity(t) for t in texts]))
+    one = released_diversity if released else diversity
+    return float(np.mean([one(t) for t in texts]))
 
 
 def min_k_percent(token_logprobs: ArrayLike, k: float = 0.4) -> float:
