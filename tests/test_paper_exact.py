@@ -208,6 +208,20 @@ def test_evaluate_paper_exact_scores_by_letters_and_records_it(small_bench) -> N
         assert 0 <= res[split]["vqa"]["mc_acc"] <= 100 and "gen_rougeL" in res[split]["qa"]
 
 
+def test_results_and_run_record_say_which_mode(small_bench, tmp_path) -> None:
+    from mmunlearn.commands import results_markdown, run_evaluate
+    from mmunlearn.train.unlearn import unlearn
+
+    cfg = EvalConfig(forget_set="forget15", protocols=(), paper_exact=True, limit=2, splits=("forget",))
+    res = run_evaluate(str(small_bench.root), "tiny", cfg, str(tmp_path / "eval.json"), progress=False)
+    assert res["mode"] == "paper_exact" and "| model | mode |" in results_markdown({"m": res})
+    assert "| paper_exact |" in (tmp_path / "eval.md").read_text()
+    adapter = LlavaAdapter(*build_llava())
+    log = unlearn(adapter, small_bench, UnlearnConfig(method="ga", forget_set="forget15", steps=1, batch_size=2,
+                                                      paper_exact=True), tmp_path / "run", progress=False)
+    assert log["mode"] == "paper_exact" and log["config"]["paper_exact"] is True
+
+
 # ---- MMUBench EM and diversity ---------------------------------------------------------------------------
 
 

@@ -194,7 +194,8 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
             items = [prompts.official_item(adapter, protocol, e, images.get(e)) for e in gen]
             outs = generate_batched(adapter, items, cfg.batch_size, prompts.NEW_TOKENS[protocol])
         else:
-            outs = generate_batched(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
+            items = to_items(gen, images)
+            outs = generate_batched(adapter, items, cfg.batch_size, cfg.max_new_tokens)
         g = [(e, o) for e, o in zip(gen, outs) if e.task == "gen"]
         c = [(e, o) for e, o in zip(gen, outs) if e.task == "cloze"]
         if g:
@@ -208,8 +209,8 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
         if c:
             r["cloze_acc"] = metrics.cloze_accuracy([o for _, o in c], [e.answer for e, _ in c])
             r["cloze_n"] = len(c)
-        r["samples"] = [
-            {"prompt": e.prompt, "image": e.image, "answer": e.answer, "output": o}
-            for e, o in list(zip(gen, outs))[: cfg.samples]
+        r["samples"] = [  # the prompt as the model was asked (a paper-exact prompt in full)
+            {"prompt": it.text if it.text is not None else it.prompt, "image": e.image, "answer": e.answer, "output": o}
+            for e, it, o in list(zip(gen, items, outs))[: cfg.samples]
         ]
     return r
