@@ -319,3 +319,35 @@ def test_official_preserve_set_is_one_shuffled_mix(small_bench, llava, tmp_path)
     seen, default = kinds_seen(False)
     assert {"vqa", "qa"} not in seen
     assert all(m.dim() == 2 for m in default.masks.values())
+
+
+# ---- GA+KL: the released SIU baseline ran text-only ----------------------------------------------------------
+
+
+def test_released_ga_kl_is_text_only_and_a_cross_entropy_over_every_position(llava) -> None:
+    from mmunlearn.methods.ga_kl import released_text_batch
+    from mmunlearn.methods.losses import released_reference_ce
+
+    torch.manual_seed(0)
+    logits, ref = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    p_ref, p = torch.softmax(ref, -1), torch.softmax(logits, -1)
+    want = -sum(float(p_ref[b, t, v]) * math.log(float(p[b, t, v]) + 1e-12)
+                for b in range(2) for t in range(3) for v in range(4)) / 6  # .sum(-1).mean() over (B, T)
+    assert released_reference_ce(ref, logits).item() == pytest.approx(want, rel=1e-5)
+
+    image = Image.new("RGB", (28, 28))
+    batch = llava.encode([Item("Who is this?", "Alice Moreau.", image), Item("Who is Alice?", "A writer.")])
+    text = released_text_batch(llava, batch)
+    image_id = llava.model.config.image_token_id
+    assert "pixel_values" not in text and not (text["input_ids"] == image_id).any()
+    for row in range(2):
+        real = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        # input_ids[input_ids < 0] = 0 on the unexpanded sequence: the image run becomes one id-0 token
+        if image_id in real:
+            k = real.index(image_id)
+            real = real[:k] + [0] + [t for t in real[k:] if t != image_id]
+        assert text["input_ids"][row][: len(real)].tolist() == real
+        answers = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert text["labels"][row][text["labels"][row] != -100].tolist() == answers
+    assert build_method(UnlearnConfig(method="ga_kl", paper_exact=True)).opt.legacy_text_only
+    assert not build_method(UnlearnConfig(method="ga_kl")).opt.legacy_text_only

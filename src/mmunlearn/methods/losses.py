@@ -149,3 +149,14 @@ def released_siu_loss(
     p = torch.softmax(lg, -1) * keep_v
     inverse = 1.0 - phrase_mask.to(lg.device, torch.float32)[..., None]  # (B, L, 1)
     return -(p_ref * torch.log(p + 1e-12) * inverse).sum() / (inverse.sum() * vocab)
+
+
+def released_reference_ce(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The "KL" term of the released SIU baselines (``trainer for baseline/llava_trainer.py``,
+    ``compute_kl_loss``); reproduction only, ``kl_to_reference`` is the default.
+
+    −(1/(B·T)) Σ_{b,t} Σ_v p_ref(v) · log(p_θ(v) + 1e-12): a cross-entropy to the reference at every position of
+    the batch (prompt and padding included), not a KL over answer positions.
+    """
+    p_ref = torch.softmax(ref_logits.float(), -1)
+    return -(p_ref * torch.log(torch.softmax(logits.float(), -1) + 1e-12)).sum(-1).mean()
