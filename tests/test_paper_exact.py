@@ -351,3 +351,19 @@ def test_released_ga_kl_is_text_only_and_a_cross_entropy_over_every_position(lla
         assert text["labels"][row][text["labels"][row] != -100].tolist() == answers
     assert build_method(UnlearnConfig(method="ga_kl", paper_exact=True)).opt.legacy_text_only
     assert not build_method(UnlearnConfig(method="ga_kl")).opt.legacy_text_only
+
+
+def test_released_c_dis_is_the_token_term_of_kl_div() -> None:
+    p, q = torch.tensor([[0.2, 1e-14, 0.5]]), torch.tensor([[0.1, 0.3, 0.5]])
+    # tokennewdistance.py: clamp to [1e-10, 1], F.kl_div(q.log(), p, reduction="batchmean"), abs
+    pc, qc = p.clamp(1e-10, 1), q.clamp(1e-10, 1)
+    want = abs(torch.nn.functional.kl_div(qc.log(), pc, reduction="batchmean").item())
+    assert metrics.released_token_divergence(p[0].numpy(), q[0].numpy()) == pytest.approx(want, rel=1e-6)
+    assert metrics.concept_divergence([0.2, 0.5], [0.1, 0.5]) != pytest.approx(want)  # default: Bernoulli KL
+
+
+def test_concept_metrics_paper_exact_runs_with_a_reference(small_bench, llava) -> None:
+    forget = sorted(small_bench.forget_set("forget15"))
+    res = concept.concept_metrics(llava, small_bench, forget, reference=llava, paper_exact=True, limit=1)
+    assert res["c_dis"] == pytest.approx(0.0, abs=1e-9)  # the model against itself
+    assert {"generality_em", "diversity", "fluency_ppl", "mia_rougeL_recall"} <= set(res)

@@ -19,7 +19,7 @@ from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.eval import metrics
 from mmunlearn.eval.judges import Judge, KeywordJudge
 from mmunlearn.eval.prompts import NEW_TOKENS, official_item
-from mmunlearn.eval.scoring import answer_logprobs, generate_batched
+from mmunlearn.eval.scoring import answer_logprobs, generate_batched, length_batches
 from mmunlearn.models.base import Item, ModelAdapter
 
 # The identity question in other languages (jailbreak by translation, as MMUBench's multilanguage.json).
@@ -140,7 +140,10 @@ def concept_metrics(
         ]))
     if reference is not None and gen:
         named = [p for p in gen if p.example.qtype == "identity"]
-        if named:
+        if named and paper_exact:
+            res["c_dis"] = _released_c_dis(adapter, reference, [item(p.example) for p in named],
+                                           [p.target for p in named], batch_size)
+        elif named:
             items = [Item(p.example.prompt, p.target, images.get(p.example)) for p in named]
             res["c_dis"] = metrics.concept_divergence(_name_token_probs(reference, items, batch_size),
                                                       _name_token_probs(adapter, items, batch_size))
@@ -154,6 +157,24 @@ def concept_metrics(
     if auc is not None:
         res["mia_auc"] = auc
     return res
+
+
+@torch.no_grad()
+def _released_c_dis(adapter: ModelAdapter, reference: ModelAdapter, items: list[Item], names: list[str],
+                    batch_size: int) -> float:
+    """C-Dis as ``tokennewdistance.py``: per prompt (no answer), the probability of the name's first token at
+    every prompt position under both models, ``metrics.released_token_divergence``, averaged over prompts."""
+    out: list[float] = []
+    for idx in length_batches(items, batch_size):
+        enc = adapter.to_device(adapter.encode([items[i] for i in idx], with_answer=False))
+        p_new = torch.softmax(adapter.model(**enc).logits.float(), -1)
+        p_old = torch.softmax(reference.model(**reference.to_device(enc)).logits.float(), -1)
+        keep = enc["attention_mask"].bool()
+        for r, i in enumerate(idx):
+            token = adapter.tokenizer(names[i], add_special_tokens=False)["input_ids"][0]
+            out.append(metrics.released_token_divergence(p_old[r, keep[r], token].cpu().numpy(),
+                                                         p_new[r, keep[r], token].cpu().numpy()))
+    return float(np.mean(out))
 
 
 def _masked_perplexity(

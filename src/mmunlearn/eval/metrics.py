@@ -343,6 +343,21 @@ def perplexity(token_logprobs: ArrayLike, mask: ArrayLike | None = None) -> floa
     return float(math.exp(-logprobs[keep].mean()))
 
 
+def released_token_divergence(p_orig: ArrayLike, p_new: ArrayLike) -> float:
+    """C-Dis of one concept token as SIU's ``tokennewdistance.py`` computes it, for one prompt.
+
+    ``p_orig`` / ``p_new``: the probability of the token at every position of the prompt under the original /
+    unlearned model, clamped to [1e-10, 1]; |Σ_t p_t (log p_t − log q_t)| (``F.kl_div(log q, p,
+    reduction="batchmean")`` with a batch of one). Not a KL between distributions: only the token's own
+    term. 0 = unchanged; higher = more changed. Paper-exact mode only; ``concept_divergence`` is the default.
+    """
+    p = np.clip(_as_float_array(p_orig, "p_orig"), 1e-10, 1.0)
+    q = np.clip(_as_float_array(p_new, "p_new"), 1e-10, 1.0)
+    if p.shape != q.shape:
+        raise DataError(f"p_orig has shape {p.shape} but p_new has shape {q.shape}; they must match")
+    return float(abs(np.sum(p * (np.log(p) - np.log(q)))))
+
+
 def concept_divergence(p_orig: ArrayLike, p_new: ArrayLike) -> float:
     """C-Dis: mean over positions of KL(Bernoulli(p_orig) || Bernoulli(p_new)), in nats.
 
