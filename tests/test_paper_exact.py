@@ -197,9 +197,10 @@ def test_official_letter_matches_the_scripts_parsing(text: str) -> None:
     assert (None if got is None else "ABCD"[got]) == want
 
 
-def test_evaluate_paper_exact_scores_by_letters_and_records_it(small_bench) -> None:
+def test_evaluate_paper_exact_scores_by_letters(small_bench, monkeypatch) -> None:
     from mmunlearn.commands import open_model
 
+    monkeypatch.setitem(prompts.NEW_TOKENS, "mllmu", 6)  # the official 50 tokens are slow on CPU
     tiny = open_model("tiny", small_bench)
     cfg = EvalConfig(forget_set="forget15", protocols=("mllmu",), paper_exact=True, limit=4,
                      splits=("forget", "retain"))
@@ -208,10 +209,11 @@ def test_evaluate_paper_exact_scores_by_letters_and_records_it(small_bench) -> N
         assert 0 <= res[split]["vqa"]["mc_acc"] <= 100 and "gen_rougeL" in res[split]["qa"]
 
 
-def test_results_and_run_record_say_which_mode(small_bench, tmp_path) -> None:
+def test_results_and_run_record_say_which_mode(small_bench, tmp_path, monkeypatch) -> None:
     from mmunlearn.commands import results_markdown, run_evaluate
     from mmunlearn.train.unlearn import unlearn
 
+    monkeypatch.setitem(prompts.NEW_TOKENS, "mllmu", 6)
     cfg = EvalConfig(forget_set="forget15", protocols=(), paper_exact=True, limit=2, splits=("forget",))
     res = run_evaluate(str(small_bench.root), "tiny", cfg, str(tmp_path / "eval.json"), progress=False)
     assert res["mode"] == "paper_exact" and "| model | mode |" in results_markdown({"m": res})
@@ -362,7 +364,8 @@ def test_released_c_dis_is_the_token_term_of_kl_div() -> None:
     assert metrics.concept_divergence([0.2, 0.5], [0.1, 0.5]) != pytest.approx(want)  # default: Bernoulli KL
 
 
-def test_concept_metrics_paper_exact_runs_with_a_reference(small_bench, llava) -> None:
+def test_concept_metrics_paper_exact_runs_with_a_reference(small_bench, llava, monkeypatch) -> None:
+    monkeypatch.setitem(prompts.NEW_TOKENS, "mmubench", 8)  # the official 200 tokens are slow on CPU
     forget = sorted(small_bench.forget_set("forget15"))
     res = concept.concept_metrics(llava, small_bench, forget, reference=llava, paper_exact=True, limit=1)
     assert res["c_dis"] == pytest.approx(0.0, abs=1e-9)  # the model against itself
