@@ -5,6 +5,9 @@ Multiple choice is scored by option log-likelihood (``likelihood``, the default)
 generating after the options and parsing the first letter (``letter``). Generation is scored by exact match
 (normalised) and ROUGE-L F1; cloze by whether the ground truth appears in the output. Identity questions also
 report how often the entity's name appears in the answer (the MMUBench generality signal).
+
+``paper_exact`` replaces prompts, parsing and budgets by the official scripts' (``eval.prompts``,
+docs/paper_exact.md); results record which mode produced them.
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def mode_of(cfg: EvalConfig) -> str:
 def score_mc_official(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], images: ImageCache,
                       batch_size: int) -> list[int | None]:
     """Multiple choice as the official script of the benchmark reads it: its prompt, greedy, the first ASCII
-    letter or digit of up to 50 new tokens. One token is generated first; only rows whose token holds no such
-    character get the rest of the budget (greedy, so the answer is the same)."""
+    letter or digit within the script's budget of new tokens (50). One token is generated first; only rows
+    whose token holds no such character get the rest of the budget (greedy, so the answer is the same)."""
     protocol = prompts.protocol_of(bench)
     items = [prompts.official_item(adapter, protocol, e, images.get(e)) for e in ex]
     outs = generate_batched(adapter, items, batch_size, max_new_tokens=1)
