@@ -13,7 +13,6 @@ from mmunlearn.methods.losses import (
     dmk_loss,
     kl_to_reference,
     npo_loss,
-    released_dmk_loss,
     sequence_logprob,
 )
 
@@ -126,13 +125,3 @@ def test_dmk_rejects_a_misshapen_token_mask() -> None:
     logits, ref, labels = batch()
     with pytest.raises(DataError):
         dmk_loss(ref, logits, labels, torch.ones(2, 4, dtype=torch.bool))
-
-
-def test_released_dmk_divides_by_positions_and_vocabulary() -> None:
-    logits, ref, _ = batch()
-    keep = torch.ones(2, 3, dtype=torch.bool)
-    keep[1, 2] = False
-    rows = [(R0, L0), (R1, L1)]
-    total = sum(kl(r[t], lg[t], keep=[0, 1]) for b, (r, lg) in enumerate(rows) for t in range(3) if keep[b, t])
-    got = released_dmk_loss(ref, logits, keep, vocab_drop=[2])
-    assert got.item() == pytest.approx(total / 6 / 3, rel=1e-6)

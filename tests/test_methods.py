@@ -78,7 +78,11 @@ def test_every_method_trains(world, tmp_path: Path, method: str) -> None:
     ("npo", {"retain": True}),
     ("npo", {"legacy_mean_ce": True}),
     ("mmunlearner", {"importance_batches": 1, "mask_mode": "gradient", "groups": ["language"], "interval": 0}),
-], ids=["siu-legacy", "siu-renormalise", "npo-rt", "npo-legacy", "mmunlearner-gradient"])
+    ("mmunlearner", {"importance_batches": 1, "mask_mode": "gradient", "groups": ["language"], "interval": 0,
+                     "preserve": "concat", "fisher_loop": "official"}),
+    ("ga_kl", {"legacy_text_only": True}),
+], ids=["siu-legacy", "siu-renormalise", "npo-rt", "npo-legacy", "mmunlearner-gradient", "mmunlearner-official",
+        "ga_kl-legacy"])
 def test_method_variants_train(world, tmp_path: Path, method: str, options: dict) -> None:
     bench, vanilla = world
     adapter = load(vanilla)

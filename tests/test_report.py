@@ -58,7 +58,7 @@ def test_report_files_and_content(tmp_path, results):
                    "## Example generations", "## Training curves", "## Timings", "# Unlearning report"):
         assert header in md, header
     assert "test QA" not in md  # NaN for every model: no column
-    assert "| vanilla | 80.0 | 75.0 | 90.0 | 88.0 | 85.0 | 70.0 | 40.0 | 90.0 | 0.375 |" in md
+    assert "| vanilla | default | 80.0 | 75.0 | 90.0 | 88.0 | 85.0 | 70.0 | 40.0 | 90.0 | 0.375 |" in md
     assert "0.375" in md  # ROUGE-L of vanilla forget QA: 75 / 200
     # relative to vanilla: grad_ascent forget VQA 30 / 80, QA 25 / 75, retain VQA 60 / 90
     ga_rel = next(line for line in md.split("## Relative to vanilla")[1].splitlines() if line.startswith("| grad"))
@@ -88,7 +88,7 @@ def test_no_history_no_vanilla_and_missing(tmp_path, results):
     paths = write_report(results, tmp_path)
     assert "curves" not in paths and not (tmp_path / "curves.png").exists()
     md = paths["markdown"].read_text()
-    assert "Relative to vanilla" not in md and "| npo | – |" in md
+    assert "Relative to vanilla" not in md and "| npo | default | – |" in md
 
 
 def test_merge_evaluate_files(tmp_path, results):

@@ -12,7 +12,7 @@ from mmunlearn.data.fictitious import FictitiousConfig, make_fictitious
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError, ModelError
 from mmunlearn.eval.cache import EvalCache, default_cache_dir, fingerprint
-from mmunlearn.eval.runner import EvalConfig, evaluate
+from mmunlearn.eval.runner import EvalConfig, evaluate, mode_of
 from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
@@ -94,7 +94,7 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
             fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg),
         )
     t0 = time.time()
-    res = {"model": model, "data": str(Path(data).resolve()), "config": C.to_dict(cfg),
+    res = {"model": model, "data": str(Path(data).resolve()), "mode": mode_of(cfg), "config": C.to_dict(cfg),
            "results": evaluate(adapter, bench, cfg, progress=progress, cache=cache, reference=reference)}
     res["seconds"] = round(time.time() - t0, 1)
     res["cached_units"] = cache.hits if cache else 0
@@ -114,12 +114,13 @@ COLUMNS = [
 
 
 def results_markdown(rows: dict[str, dict]) -> str:
-    """One row per model: MC accuracy (%) per split and kind, name rate on identity questions, ROUGE-L."""
+    """One row per model: its evaluation mode, MC accuracy (%) per split and kind, name rate on identity
+    questions, ROUGE-L."""
     cols = [c for c in COLUMNS if any(c[2] in r["results"].get(c[0], {}).get(c[1], {}) for r in rows.values())]
-    head = "| model | " + " | ".join(f"{s} {k.upper()} {m}" for s, k, m in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    head = "| model | mode | " + " | ".join(f"{s} {k.upper()} {m}" for s, k, m in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
     for name, r in rows.items():
-        cells = []
+        cells = [str(r.get("mode", "default"))]
         for s, k, m in cols:
             v = r["results"].get(s, {}).get(k, {}).get(m)
             cells.append("–" if v is None else (f"{v:.3f}" if m == "gen_rougeL" else f"{v:.1f}"))

@@ -81,7 +81,8 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
     ecfg = C.build(EvalConfig, {**C.to_dict(cfg.eval), "reference": str(vanilla)})
     for name, m in tqdm(models.items(), desc="evaluate", disable=not progress):
         t = time.time()
-        m["results"] = cmd.run_evaluate(str(data), m["path"], ecfg, progress=False)["results"]
+        res = cmd.run_evaluate(str(data), m["path"], ecfg, progress=False)
+        m["results"], m["mode"] = res["results"], res["mode"]
         timings[f"evaluate_{name}"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t0, 1)
     results = {

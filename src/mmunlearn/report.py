@@ -77,7 +77,15 @@ def _entry(m: dict, path: str, i: int) -> dict:
     results, history = m.get("results") or {}, m.get("history") or []
     if not isinstance(results, dict) or not isinstance(history, list):
         raise DataError(f"results item {i}: model {path or '?'} needs 'results' as an object and 'history' as a list")
-    return {"path": str(path), "results": results, "history": history, "seconds": m.get("seconds")}
+    return {"path": str(path), "results": results, "history": history, "seconds": m.get("seconds"),
+            "mode": mode_of(m)}
+
+
+def mode_of(m: dict) -> str:
+    """Which evaluation mode produced a model's numbers: ``paper_exact`` or ``default`` (files written before
+    the mode was recorded were default)."""
+    cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+    return str(m.get("mode") or ("paper_exact" if cfg.get("paper_exact") else "default"))
 
 
 def merge_results(results: dict | list[dict]) -> dict:
@@ -130,6 +138,10 @@ def merge_results(results: dict | list[dict]) -> dict:
     if len(seen) > 1:
         notes.append("the results come from different benchmarks or forget sets: "
                      + "; ".join(f"{n or '?'} / {f or '?'}" for n, f in seen) + ", so rows may not be comparable")
+    modes = sorted({m["mode"] for m in models.values()})
+    if len(modes) > 1:
+        notes.append("the results mix evaluation modes (" + ", ".join(modes) + "; see the mode column and "
+                     "docs/paper_exact.md), so rows may not be comparable")
     return {"benchmark": bench, "models": models, "timings": timings, "notes": notes}
 
 
@@ -218,8 +230,9 @@ Block = Heading | Para | Bullets | Table | Image
 
 
 def _main_table(models: dict[str, dict], cols: list[tuple]) -> Table:
-    return Table(["method"] + [f"{c[3]} {c[4]}" for c in cols],
-                 [[name] + [_fmt(_get(m, *c[:3]), c[2]) for c in cols] for name, m in models.items()])
+    return Table(["method", "mode"] + [f"{c[3]} {c[4]}" for c in cols],
+                 [[name, m.get("mode", "default")] + [_fmt(_get(m, *c[:3]), c[2]) for c in cols]
+                  for name, m in models.items()])
 
 
 def relative_to(models: dict[str, dict], cols: list[tuple], ref: str = REFERENCE) -> Table:

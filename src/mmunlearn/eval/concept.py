@@ -18,7 +18,8 @@ from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.eval import metrics
 from mmunlearn.eval.judges import Judge, KeywordJudge
-from mmunlearn.eval.scoring import answer_logprobs, generate_batched
+from mmunlearn.eval.prompts import NEW_TOKENS, official_item
+from mmunlearn.eval.scoring import answer_logprobs, generate_batched, length_batches
 from mmunlearn.models.base import Item, ModelAdapter
 
 # The identity question in other languages (jailbreak by translation, as MMUBench's multilanguage.json).
@@ -68,8 +69,11 @@ def probes(bench: Benchmark, forget: Sequence[str]) -> dict[str, list[Probe]]:
     return out
 
 
-def _mentions_rate(outs: Sequence[str], targets: Sequence[str]) -> float:
-    return 100.0 * sum(metrics.mentions(o, t) for o, t in zip(outs, targets)) / len(outs)
+def _mentions_rate(outs: Sequence[str], targets: Sequence[str], raw: bool = False) -> float:
+    """% of outputs naming their target: on word boundaries, or (``raw``, the released check) as a plain
+    lower-case substring."""
+    found = metrics.contains_raw if raw else metrics.mentions
+    return 100.0 * sum(found(o, t) for o, t in zip(outs, targets)) / len(outs)
 
 
 def _name_token_probs(adapter: ModelAdapter, items: list[Item], batch_size: int) -> list[float]:
@@ -87,6 +91,7 @@ def concept_metrics(
     max_new_tokens: int = 24,
     seed: int = 0,
     limit: int | None = None,
+    paper_exact: bool = False,
 ) -> dict[str, float]:
     """MMUBench metrics for the forget entities. ``reference`` is the original (vanilla) model.
 
@@ -98,8 +103,18 @@ def concept_metrics(
     Min-K% (K = 40 %) AUC, forgotten vs never-seen answers (0.5 = indistinguishable = best).
     mia_rougeL_recall: ROUGE-L recall of unlearned vs original answers. jailbreak_*_asr: % of translated /
     multi-hop prompts whose answer still reveals the concept (lower = better).
+
+    ``paper_exact``: the prompts and 200-token budget of SIU's scripts, names found as raw lower-case
+    substrings ("yes" inside "eyes" counts), diversity over whitespace-separated words (docs/paper_exact.md).
     """
     images = ImageCache(bench)
+
+    def item(e: Example) -> Item:
+        image = images.get(e)
+        return official_item(adapter, "mmubench", e, image) if paper_exact else Item(e.prompt, "", image)
+
+    if paper_exact:
+        max_new_tokens = NEW_TOKENS["mmubench"]
     judge = judge or KeywordJudge()
     sets = {k: v[:limit] for k, v in probes(bench, forget).items()}
     res: dict[str, float] = {}
@@ -108,10 +123,9 @@ def concept_metrics(
         ps = sets[key]
         if not ps:
             continue
-        outs = generate_batched(adapter, [Item(p.example.prompt, "", images.get(p.example)) for p in ps],
-                                batch_size, max_new_tokens)
+        outs = generate_batched(adapter, [item(p.example) for p in ps], batch_size, max_new_tokens)
         answers[key] = outs
-        rate = _mentions_rate(outs, [p.target for p in ps])
+        rate = _mentions_rate(outs, [p.target for p in ps], raw=paper_exact)
         if key in ("efficacy", "generality"):
             res[f"{key}_em"] = 100.0 - rate
         else:
@@ -119,19 +133,21 @@ def concept_metrics(
     gen = sets["generality"]
     if gen:
         outs = answers["generality"]
-        res["diversity"] = metrics.mean_diversity(outs)
+        res["diversity"] = metrics.mean_diversity(outs, released=paper_exact)
         names = bench.entity_names()
         res["geval"] = float(np.mean([
             judge.score(p.example.prompt, o, names.get(p.example.entity, p.target), None) for p, o in zip(gen, outs)
         ]))
     if reference is not None and gen:
         named = [p for p in gen if p.example.qtype == "identity"]
-        if named:
+        if named and paper_exact:
+            res["c_dis"] = _released_c_dis(adapter, reference, [item(p.example) for p in named],
+                                           [p.target for p in named], batch_size)
+        elif named:
             items = [Item(p.example.prompt, p.target, images.get(p.example)) for p in named]
             res["c_dis"] = metrics.concept_divergence(_name_token_probs(reference, items, batch_size),
                                                       _name_token_probs(adapter, items, batch_size))
-        ref_outs = generate_batched(reference, [Item(p.example.prompt, "", images.get(p.example)) for p in gen],
-                                    batch_size, max_new_tokens)
+        ref_outs = generate_batched(reference, [item(p.example) for p in gen], batch_size, max_new_tokens)
         res["mia_rougeL_recall"] = float(np.mean([metrics.rouge_l_recall(o, r)
                                                   for o, r in zip(answers["generality"], ref_outs)]))
         ppl = _masked_perplexity(adapter, [p.example for p in gen], ref_outs, [p.target for p in gen], images)
@@ -141,6 +157,24 @@ def concept_metrics(
     if auc is not None:
         res["mia_auc"] = auc
     return res
+
+
+@torch.no_grad()
+def _released_c_dis(adapter: ModelAdapter, reference: ModelAdapter, items: list[Item], names: list[str],
+                    batch_size: int) -> float:
+    """C-Dis as ``tokennewdistance.py``: per prompt (no answer), the probability of the name's first token at
+    every prompt position under both models, ``metrics.released_token_divergence``, averaged over prompts."""
+    out: list[float] = []
+    for idx in length_batches(items, batch_size):
+        enc = adapter.to_device(adapter.encode([items[i] for i in idx], with_answer=False))
+        p_new = torch.softmax(adapter.model(**enc).logits.float(), -1)
+        p_old = torch.softmax(reference.model(**reference.to_device(enc)).logits.float(), -1)
+        keep = enc["attention_mask"].bool()
+        for r, i in enumerate(idx):
+            token = adapter.tokenizer(names[i], add_special_tokens=False)["input_ids"][0]
+            out.append(metrics.released_token_divergence(p_old[r, keep[r], token].cpu().numpy(),
+                                                         p_new[r, keep[r], token].cpu().numpy()))
+    return float(np.mean(out))
 
 
 def _masked_perplexity(

@@ -131,6 +131,13 @@ def mentions(text: str, names: Names) -> bool:
     return _names_pattern(_names_tuple(names)).search(text) is not None
 
 
+def contains_raw(text: str, target: str) -> bool:
+    """The released MMUBench check (SIU's ``evalaccurcy.py``): ``target.lower() in text.lower()``, a plain
+    substring, so "yes" is found in "eyes" and "trump" in "trumpet". Paper-exact mode only; ``mentions`` is the
+    default."""
+    return target.lower() in text.lower()
+
+
 def generality_em(responses: Sequence[str], names: Names) -> float:
     """MMUBench generality EM: % of ``responses`` that do NOT mention the concept (see ``mentions``).
 
@@ -165,10 +172,19 @@ def diversity(text: str) -> float:
     return 100.0 * len(set(tokens)) / len(tokens)
 
 
-def mean_diversity(texts: Sequence[str]) -> float:
-    """MMUBench diversity: the mean of ``diversity(t)`` over ``texts``. Higher = better."""
+def released_diversity(text: str) -> float:
+    """Diversity as SIU's ``diversity.py`` counts it: 100 * #unique / #words with words = ``text.split()``
+    (case kept, punctuation attached: "Paris" and "Paris." differ). No words -> 0.0. Higher = more diverse."""
+    tokens = text.split()
+    return 100.0 * len(set(tokens)) / len(tokens) if tokens else 0.0
+
+
+def mean_diversity(texts: Sequence[str], released: bool = False) -> float:
+    """MMUBench diversity: the mean of ``diversity(t)`` (``released_diversity`` with ``released``) over
+    ``texts``. Higher = better."""
     _check_nonempty(texts, "texts")
-    return float(np.mean([diversity(t) for t in texts]))
+    one = released_diversity if released else diversity
+    return float(np.mean([one(t) for t in texts]))
 
 
 def min_k_percent(token_logprobs: ArrayLike, k: float = 0.4) -> float:
@@ -325,6 +341,21 @@ def perplexity(token_logprobs: ArrayLike, mask: ArrayLike | None = None) -> floa
     if not keep.any():
         raise DataError("perplexity: the mask keeps no token")
     return float(math.exp(-logprobs[keep].mean()))
+
+
+def released_token_divergence(p_orig: ArrayLike, p_new: ArrayLike) -> float:
+    """C-Dis of one concept token as SIU's ``tokennewdistance.py`` computes it, for one prompt.
+
+    ``p_orig`` / ``p_new``: the probability of the token at every position of the prompt under the original /
+    unlearned model, clamped to [1e-10, 1]; |Σ_t p_t (log p_t − log q_t)| (``F.kl_div(log q, p,
+    reduction="batchmean")`` with a batch of one). Not a KL between distributions: only the token's own
+    term. 0 = unchanged; higher = more changed. Paper-exact mode only; ``concept_divergence`` is the default.
+    """
+    p = np.clip(_as_float_array(p_orig, "p_orig"), 1e-10, 1.0)
+    q = np.clip(_as_float_array(p_new, "p_new"), 1e-10, 1.0)
+    if p.shape != q.shape:
+        raise DataError(f"p_orig has shape {p.shape} but p_new has shape {q.shape}; they must match")
+    return float(abs(np.sum(p * (np.log(p) - np.log(q)))))
 
 
 def concept_divergence(p_orig: ArrayLike, p_new: ArrayLike) -> float:

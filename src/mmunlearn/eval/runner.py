@@ -5,6 +5,9 @@ Multiple choice is scored by option log-likelihood (``likelihood``, the default)
 generating after the options and parsing the first letter (``letter``). Generation is scored by exact match
 (normalised) and ROUGE-L F1; cloze by whether the ground truth appears in the output. Identity questions also
 report how often the entity's name appears in the answer (the MMUBench generality signal).
+
+``paper_exact`` replaces prompts, parsing and budgets by the official scripts' (``eval.prompts``,
+docs/paper_exact.md); results record which mode produced them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 from mmunlearn.data.batches import ImageCache, to_items
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
-from mmunlearn.eval import metrics
+from mmunlearn.eval import metrics, prompts
 from mmunlearn.eval.cache import EvalCache
 from mmunlearn.eval.scoring import generate_batched, rank_options
 from mmunlearn.models.base import Item, ModelAdapter
@@ -45,6 +48,9 @@ class EvalConfig:
     cache: bool = True
     limit: int | None = None  # at most this many questions per split, kind and probe set (quick checks)
     cache_dir: str | None = None  # default: $MMUNLEARN_CACHE or ~/.cache/mmunlearn, then /eval
+    # the official scripts' prompts, answer parsing, generation budgets and matching (docs/paper_exact.md);
+    # multiple choice is then read from generated letters whatever mc_mode says
+    paper_exact: bool = False
 
     def __post_init__(self) -> None:
         if self.mc_mode not in ("likelihood", "letter"):
@@ -63,6 +69,26 @@ def normalise(text: str) -> str:
 def mc_prompt(e: Example) -> str:
     opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(e.options or []))
     return f"{e.prompt}\n{opts}\n{MC_SUFFIX}"
+
+
+def mode_of(cfg: EvalConfig) -> str:
+    """The name of the evaluation mode, recorded beside every number."""
+    return "paper_exact" if cfg.paper_exact else "default"
+
+
+def score_mc_official(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], images: ImageCache,
+                      batch_size: int) -> list[int | None]:
+    """Multiple choice as the official script of the benchmark reads it: its prompt, greedy, the first ASCII
+    letter or digit within the script's budget of new tokens (50). One token is generated first; only rows
+    whose token holds no such character get the rest of the budget (greedy, so the answer is the same)."""
+    protocol = prompts.protocol_of(bench)
+    items = [prompts.official_item(adapter, protocol, e, images.get(e)) for e in ex]
+    outs = generate_batched(adapter, items, batch_size, max_new_tokens=1)
+    again = [i for i, o in enumerate(outs) if prompts.official_letter(o) is None]
+    budget = prompts.NEW_TOKENS[protocol]
+    for i, o in zip(again, generate_batched(adapter, [items[i] for i in again], batch_size, budget)):
+        outs[i] = o
+    return [prompts.official_choice(o, len(e.options or [])) for o, e in zip(outs, ex)]
 
 
 def score_mc(adapter: ModelAdapter, ex: list[Example], images: ImageCache, cfg: EvalConfig) -> list[int | None]:
@@ -107,7 +133,7 @@ def evaluate(
         r = cache.get("mmubench") if cache else None
         if r is None:
             r = concept_metrics(adapter, bench, entities, reference, make_judge(cfg.judge), cfg.batch_size,
-                                cfg.max_new_tokens, limit=cfg.limit)
+                                cfg.max_new_tokens, limit=cfg.limit, paper_exact=cfg.paper_exact)
             if cache:
                 cache.put("mmubench", r)
         results["mmubench"] = r
@@ -157,7 +183,8 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
         return r
     mc = [e for e in ex if e.task == "mc"]
     if mc:
-        pred = score_mc(adapter, mc, images, cfg)
+        pred = (score_mc_official(adapter, bench, mc, images, cfg.batch_size) if cfg.paper_exact
+                else score_mc(adapter, mc, images, cfg))
         r["mc_acc"] = metrics.mc_accuracy(pred, [e.answer_index for e in mc])
         r["mc_n"] = len(mc)
         ident = [(p, e) for p, e in zip(pred, mc) if e.qtype == "identity"]
@@ -165,7 +192,13 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
             r["mc_acc_identity"] = metrics.mc_accuracy([p for p, _ in ident], [e.answer_index for _, e in ident])
     gen = [e for e in ex if e.task in ("gen", "cloze")]
     if gen:
-        outs = generate_batched(adapter, to_items(gen, images), cfg.batch_size, cfg.max_new_tokens)
+        if cfg.paper_exact:
+            protocol = prompts.protocol_of(bench)
+            items = [prompts.official_item(adapter, protocol, e, images.get(e)) for e in gen]
+            outs = generate_batched(adapter, items, cfg.batch_size, prompts.NEW_TOKENS[protocol])
+        else:
+            items = to_items(gen, images)
+            outs = generate_batched(adapter, items, cfg.batch_size, cfg.max_new_tokens)
         g = [(e, o) for e, o in zip(gen, outs) if e.task == "gen"]
         c = [(e, o) for e, o in zip(gen, outs) if e.task == "cloze"]
         if g:
@@ -179,8 +212,8 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
         if c:
             r["cloze_acc"] = metrics.cloze_accuracy([o for _, o in c], [e.answer for e, _ in c])
             r["cloze_n"] = len(c)
-        r["samples"] = [
-            {"prompt": e.prompt, "image": e.image, "answer": e.answer, "output": o}
-            for e, o in list(zip(gen, outs))[: cfg.samples]
+        r["samples"] = [  # the prompt as the model was asked (a paper-exact prompt in full)
+            {"prompt": it.text if it.text is not None else it.prompt, "image": e.image, "answer": e.answer, "output": o}
+            for e, it, o in list(zip(gen, items, outs))[: cfg.samples]
         ]
     return r

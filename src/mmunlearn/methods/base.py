@@ -17,7 +17,9 @@ A method is one class in one file, registered with one line (``@register("name")
 * ``step_mask(ctx, step)`` (optional): the per-parameter update mask of a masked step;
 * ``trainable_masks(ctx)`` (optional): masks whose entries are the run's only trainable state, in every step
   (the engine then keeps optimizer state for those entries only; ``train/sparse.py``);
-* ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log.
+* ``loss(ctx, batches)``: the scalar to minimise and a few numbers to log;
+* ``paper_exact`` / ``paper_exact_defaults`` (optional): the method options and training settings that
+  reproduce the official code, applied by ``UnlearnConfig(paper_exact=True)`` (docs/paper_exact.md).
 
 Methods share the loss helpers of ``losses.py`` and never inherit from each other. Family knowledge (image
 tokens, parameter groups, prompts) stays in the model adapter.
@@ -119,6 +121,9 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     uses_retain: ClassVar[bool] = False
     reference: ClassVar[str | None] = None  # None | "logits" | "sequence_logprobs"
+    # method options forced, and training settings defaulted, in paper-exact mode (the official code's)
+    paper_exact: ClassVar[dict[str, Any]] = {}
+    paper_exact_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any = None) -> None:
         self.opt = options if options is not None else self.Options()

@@ -130,20 +130,40 @@ def dmk_loss(
     return (kl * mask).sum() / n.clamp(min=1)
 
 
-def released_dmk_loss(
-    ref_logits: torch.Tensor, logits: torch.Tensor, token_keep: torch.Tensor, vocab_drop: Iterable[int] = ()
+def released_siu_loss(
+    ref_logits: torch.Tensor, logits: torch.Tensor, phrase_mask: torch.Tensor, vocab_drop: Iterable[int] = ()
 ) -> torch.Tensor:
-    """DMK as the released SIU training code computed it (reproduction only; ``dmk_loss`` is the default).
+    """The masked term of the released SIU trainer (``llava_trainer.py``, ``training_step``); reproduction only,
+    ``dmk_loss`` is the default. Added to the plain answer CE with weight 1 by the caller.
 
-    Σ over every position of the batch (prompt and padding included) with ``token_keep`` True of the masked
-    KL, divided by the number of positions B·(T−1) AND by the vocabulary size V.
+    kl = −Σ_{b, i<L, v} p_ref(v)·m_V(v) · log(p_θ(v)·m_V(v) + 1e-12) · (1 − mask[b,i])
+         / (Σ_{b, i<L} (1 − mask[b,i]) · V)
+
+    with ``phrase_mask`` (B, L) = 1 at the target phrase's tokens of the *unexpanded* sequence (image placeholder
+    not expanded, so L is shorter than the logits' T on image samples) and 0 elsewhere (padding included),
+    p = softmax over the full vocabulary then multiplied by the 0/1 vocabulary mask m_V (no renormalisation),
+    logits[:, :L] taken as they are (not shifted against the mask), V the vocabulary size. A cross-entropy of
+    p_θ against p_ref, not a KL: it keeps p_ref's entropy.
     """
-    lg, ref = logits[:, :-1].float(), ref_logits[:, :-1].float()
-    keep_v = torch.ones(lg.shape[-1], dtype=torch.bool, device=lg.device)
+    n = phrase_mask.shape[1]
+    lg, ref = logits[:, :n].float(), ref_logits[:, :n].float()
+    vocab = lg.shape[-1]
+    keep_v = torch.ones(vocab, device=lg.device)
     drop = sorted(set(vocab_drop))
     if drop:
-        keep_v[torch.tensor(drop, device=lg.device)] = False
-    log_ref = torch.log_softmax(ref, -1)[..., keep_v]
-    log_p = torch.log_softmax(lg, -1)[..., keep_v]
-    kl = (log_ref.exp() * (log_ref - log_p)).sum(-1) * token_keep.to(lg.device)
-    return kl.sum() / kl.numel() / lg.shape[-1]
+        keep_v[torch.tensor(drop, device=lg.device)] = 0.0
+    p_ref = torch.softmax(ref, -1) * keep_v
+    p = torch.softmax(lg, -1) * keep_v
+    inverse = 1.0 - phrase_mask.to(lg.device, torch.float32)[..., None]  # (B, L, 1)
+    return -(p_ref * torch.log(p + 1e-12) * inverse).sum() / (inverse.sum() * vocab)
+
+
+def released_reference_ce(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The "KL" term of the released SIU baselines (``trainer for baseline/llava_trainer.py``,
+    ``compute_kl_loss``); reproduction only, ``kl_to_reference`` is the default.
+
+    −(1/(B·T)) Σ_{b,t} Σ_v p_ref(v) · log(p_θ(v) + 1e-12): a cross-entropy to the reference at every position of
+    the batch (prompt and padding included), not a KL over answer positions.
+    """
+    p_ref = torch.softmax(ref_logits.float(), -1)
+    return -(p_ref * torch.log(torch.softmax(logits.float(), -1) + 1e-12)).sum(-1).mean()

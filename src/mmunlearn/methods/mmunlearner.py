@@ -19,11 +19,12 @@ explicitly (see ``MMUnlearnerOptions``).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
-from mmunlearn.data.batches import BatchStream
+from mmunlearn.data.batches import BatchStream, to_items
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import saliency as S
 from mmunlearn.methods.base import Batches, Context, Method, Step, batch_ce, count_steps, register
@@ -57,6 +58,13 @@ class MMUnlearnerOptions:
         frozen and row i of lora_B moves only if at least ``row_threshold`` of row i of the base weight's mask
         is selected, so base-weight rows outside the mapped mask stay exactly unchanged (a row-level
         approximation of the entry-wise mask).
+    preserve: the language mask's preserve importance: ``mean`` (default: the batch-weighted mean of textual QA's
+        and retain VQA's importances, each scored in batches of its own kind) or ``concat`` (the released code: one
+        shuffled set of both, so batches mix text-only and image questions).
+    fisher_loop: ``default`` (eval mode, fp32, linear-layer weights only) or ``official`` (the released loop:
+        train mode, every parameter of the masked groups scored, one shuffled pass over each set with its last
+        partial batch, F += grad²/#batches in the model dtype; masks then kept for names containing
+        proj/fc/linear/mlp/qkv whatever their shape).
     """
 
     groups: tuple[str, ...] = ("vision", "language")
@@ -69,6 +77,8 @@ class MMUnlearnerOptions:
     lora_mask: str = "error"
     row_threshold: float = 0.5
     state: str = "auto"
+    preserve: str = "mean"
+    fisher_loop: str = "default"
 
     def __post_init__(self) -> None:
         bad = [g for g in self.groups if g not in MASK_GROUPS]
@@ -86,6 +96,12 @@ class MMUnlearnerOptions:
             raise ConfigError(f"mmunlearner option state must be auto, dense or sparse, got {self.state!r}")
         if not 0 < self.row_threshold <= 1:
             raise ConfigError(f"mmunlearner option row_threshold must lie in (0, 1], got {self.row_threshold}")
+        if self.preserve not in ("mean", "concat"):
+            raise ConfigError(f"mmunlearner option preserve must be 'mean' or 'concat', got {self.preserve!r}")
+        if self.fisher_loop not in ("default", "official"):
+            raise ConfigError(
+                f"mmunlearner option fisher_loop must be 'default' or 'official', got {self.fisher_loop!r}"
+            )
 
 
 @register("mmunlearner")
@@ -96,6 +112,11 @@ class MMUnlearner(Method):
     defaults = {
         "epochs": 0.5, "lr": 1e-3, "group_lr": {"language": 3e-4}, "batch_size": 8, "retain_kinds": ("vqa", "qa"),
     }
+    # the released scripts: language mask (README), gradient-multiplied mask, mixed preserve set, the SFRon loop,
+    # every batch scored, k = ⌊#retain / #forget batches⌋, retain steps on retain VQA only
+    paper_exact = {"groups": ("language",), "mask_mode": "gradient", "preserve": "concat", "fisher_loop": "official",
+                   "importance_batches": 0, "interval": 0}
+    paper_exact_defaults = {"retain_kinds": ("vqa",)}
 
     def __init__(self, options: MMUnlearnerOptions | None = None) -> None:
         super().__init__(options)
@@ -118,7 +139,9 @@ class MMUnlearner(Method):
         a = ctx.adapter
         group_of = {n: a.group_of(n) for n, _ in a.model.named_parameters()}
         masked_groups = {g for name in self.opt.groups for g in MASK_GROUPS[name]}
-        names = [n for n, p in a.model.named_parameters() if group_of[n] in masked_groups and S.maskable(n, p)]
+        official = self.opt.fisher_loop == "official"
+        names = [n for n, p in a.model.named_parameters()
+                 if group_of[n] in masked_groups and (official or S.maskable(n, p))]
         if not names:
             raise ConfigError(f"mmunlearner: no linear-layer weights in groups {self.opt.groups} to mask")
         if self.opt.masks_path:
@@ -128,7 +151,10 @@ class MMUnlearner(Method):
                 raise ConfigError(f"{self.opt.masks_path}: masks for unknown parameters, e.g. {unknown[0]!r}")
             self.masks = {n: m for n, m in self.masks.items() if n in names}
         else:
-            self.masks = {n: PackedMask.pack(m) for n, m in self._compute(ctx, names, group_of).items()}
+            masks = self._compute(ctx, names, group_of)
+            if official:
+                masks = {n: m for n, m in masks.items() if S.official_maskable(n)}
+            self.masks = {n: PackedMask.pack(m) for n, m in masks.items()}
         params = dict(a.model.named_parameters())
         self.masks = {n: m.to(params[n].device) for n, m in self.masks.items()}
         S.save_masks(self.masks, ctx.out_dir / MASK_FILE)
@@ -136,32 +162,47 @@ class MMUnlearner(Method):
         ctx.artefacts.update({"masks": MASK_FILE, "mask_stats": STATS_FILE})
 
     def _compute(self, ctx: Context, names: list[str], group_of: dict[str, str]) -> dict[str, torch.Tensor]:
-        """Bool masks per parameter (packed by the caller)."""
-        a, b = ctx.adapter, ctx.bench
+        b = ctx.bench
         fset = ctx.forget_entities
         text = [e for s in ("forget", "retain") for e in b.select(s, fset, purpose="train", kind="qa")]
-        sets = {
-            "forget VQA": [e for e in ctx.forget_data if e.kind == "vqa"],
-            "retain VQA": b.select("retain", fset, purpose="train", kind="vqa"),
-        }
+        retain_vqa = b.select("retain", fset, purpose="train", kind="vqa")
+        concat = self.opt.preserve == "concat"
+        sets = {"forget VQA": [e for e in ctx.forget_data if e.kind == "vqa"]}
+        if "vision" in self.opt.groups or not concat:
+            sets["retain VQA"] = retain_vqa
         if "language" in self.opt.groups:
-            sets["textual QA"] = text
-        scores = {}
-        for i, (label, examples) in enumerate(sets.items()):
-            if not examples:
-                raise ConfigError(f"mmunlearner: the {label} set is empty; the saliency mask needs it")
-            stream = BatchStream(a, examples, ctx.images, ctx.batch_size, seed=ctx.seed + i)
-            n = len(stream) if not self.opt.importance_batches else min(len(stream), self.opt.importance_batches)
-            scores[label] = S.importance(a, (next(stream) for _ in range(n)), names, ctx.progress, label)
+            sets.update({"language preserve": text + retain_vqa} if concat else {"textual QA": text})
+        scores = {label: self._importance(ctx, examples, names, label, ctx.seed + i)
+                  for i, (label, examples) in enumerate(sets.items())}
         f_forget = scores["forget VQA"][0]
         vision_names = [n for n in names if group_of[n] in MASK_GROUPS["vision"]]
         lang_names = [n for n in names if group_of[n] in MASK_GROUPS["language"]]
         g, e = self.opt.gamma, self.opt.eps
-        masks = S.saliency_mask({n: f_forget[n] for n in vision_names}, scores["retain VQA"][0], g, e)
+        masks = {}
+        if vision_names:
+            masks = S.saliency_mask({n: f_forget[n] for n in vision_names}, scores["retain VQA"][0], g, e)
         if lang_names:
-            pres_lang = S.combine([scores["textual QA"], scores["retain VQA"]])
+            pres_lang = (scores["language preserve"][0] if concat
+                         else S.combine([scores["textual QA"], scores["retain VQA"]]))
             masks.update(S.saliency_mask({n: f_forget[n] for n in lang_names}, pres_lang, g, e))
         return masks
+
+    def _importance(self, ctx: Context, examples: list, names: list[str], label: str, seed: int):
+        """F over ``importance_batches`` batches of one set (0 = all): shuffled full batches (default), or one
+        shuffled pass including the last partial batch (``fisher_loop: official``, as a DataLoader does)."""
+        if not examples:
+            raise ConfigError(f"mmunlearner: the {label} set is empty; the saliency mask needs it")
+        a, limit = ctx.adapter, self.opt.importance_batches
+        if self.opt.fisher_loop == "official":
+            order = list(range(len(examples)))
+            random.Random(seed).shuffle(order)
+            chunks = [order[lo : lo + ctx.batch_size] for lo in range(0, len(order), ctx.batch_size)]
+            chunks = chunks[:limit] if limit else chunks
+            batches = (a.encode(to_items([examples[i] for i in c], ctx.images)) for c in chunks)
+            return S.importance(a, batches, names, ctx.progress, label, official_batches=len(chunks))
+        stream = BatchStream(a, examples, ctx.images, ctx.batch_size, seed=seed)
+        n = len(stream) if not limit else min(len(stream), limit)
+        return S.importance(a, (next(stream) for _ in range(n)), names, ctx.progress, label)
 
     # ---- schedule and mask -----------------------------------------------------------------------------
     def schedule(self, ctx: Context, steps: int | None, epochs: float | None) -> list[Step]:

@@ -38,6 +38,7 @@ class NPO(Method):
     Options = NPOOptions
     reference = "sequence_logprobs"
     defaults = {"steps": 10, "lr": 5e-4, "batch_size": 8}
+    paper_exact = {"legacy_mean_ce": True}
 
     @property
     def uses_retain(self) -> bool:  # type: ignore[override]

@@ -32,14 +32,23 @@ def maskable(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.endswith(".weight") and any(k in name for k in LINEAR_KEYS)
 
 
+def official_maskable(name: str) -> bool:
+    """The released training script's filter: a mask is kept for every parameter whose name contains
+    proj / fc / linear / mlp / qkv, whatever its shape (biases and norms inside such modules included)."""
+    return any(k in name for k in LINEAR_KEYS)
+
+
 def importance(
-    adapter: ModelAdapter, batches: Iterable[Batch], names: list[str], progress: bool = False, desc: str = ""
+    adapter: ModelAdapter, batches: Iterable[Batch], names: list[str], progress: bool = False, desc: str = "",
+    official_batches: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """F_D for the named parameters (fp32, on their device) over ``batches``; also the number of batches.
 
     Gradients flow only into ``names`` during the pass; every parameter's ``requires_grad`` is restored after.
     On a GPU the finished scores move to host memory, so that only the one set being scored holds an fp32
     copy on the device (the mask is then computed on the host and packed to 1 bit per entry).
+    ``official_batches`` = n runs the released loop instead (``data_process/SFRon.py``): the model in train
+    mode (dropout on) and F += grad² / n accumulated in the parameter's own dtype.
     """
     model = adapter.model
     params = dict(model.named_parameters())
@@ -48,8 +57,9 @@ def importance(
         raise ConfigError(f"importance: unknown parameter(s) {missing[:3]}")
     saved = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
-    model.eval()
-    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    official = official_batches is not None
+    model.train(official)
+    acc = {n: torch.zeros_like(params[n], dtype=params[n].dtype if official else torch.float32) for n in names}
     wanted = set(names)
     count = 0
     try:
@@ -64,7 +74,9 @@ def importance(
             loss.backward()
             for n in names:
                 g = params[n].grad
-                if g is not None:
+                if g is not None and official:
+                    acc[n] += g.square() / official_batches
+                elif g is not None:
                     acc[n] += g.float().square()
     finally:
         model.zero_grad(set_to_none=True)
@@ -74,6 +86,8 @@ def importance(
     if count == 0:
         raise ConfigError(f"importance ({desc}): no batches to score")
     offload = any(a.is_cuda for a in acc.values())
+    if official:
+        return ({n: a.cpu() for n, a in acc.items()} if offload else acc), count
     return {n: (a / count).cpu() if offload else a / count for n, a in acc.items()}, count
 
 

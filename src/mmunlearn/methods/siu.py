@@ -13,9 +13,11 @@ paper's multifaceted fine-tuning data, several phrasings each:
 The data is written as ``siu_data.json`` in the SIU release format (LLaVA conversations) and can be read back
 instead of built (``data_path``). Loss: α·CE + β·DMK (``losses.dmk_loss``), α = 0.9, β = 0.75.
 
-``legacy_released_code`` reproduces the released training code's loss instead: token mask computed before the
-image tokens are expanded (so misaligned on image samples), KL averaged over every position of the batch
-(padding and prompt included) and divided by the vocabulary size, weights 1 and 1.
+``legacy_released_code`` (set by ``paper_exact``) reproduces the released trainer's loss instead
+(``losses.released_siu_loss``): CE + a cross-entropy to the reference over the first L positions of the
+logits, L the *unexpanded* sequence length, with the target phrase's token mask found by token-id search in the
+unexpanded sequence and not shifted against the logits, the vocabulary mask from ``tokenizer.tokenize(name)``
+only, divided by the number of kept positions times the vocabulary size, weights 1 and 1.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mmunlearn.methods.base import (
     reference_states,
     register,
 )
-from mmunlearn.methods.losses import answer_ce, released_dmk_loss
+from mmunlearn.methods.losses import answer_ce, released_siu_loss
 from mmunlearn.models.base import Item, ModelAdapter
 
 DATA_FILE = "siu_data.json"
@@ -110,6 +112,7 @@ class SIU(Method):
     reference = "logits"
     # tuned on the built-in benchmark's tiny model (paper, LLaVA-1.5-7B: 2 epochs, LoRA on the LM, projector)
     defaults = {"epochs": 6.0, "lr": 4e-4, "batch_size": 8, "trainable": ("projector", "language")}
+    paper_exact = {"legacy_released_code": True}
 
     def __init__(self, options: SIUOptions | None = None) -> None:
         super().__init__(options)
@@ -136,7 +139,10 @@ class SIU(Method):
         ctx.forget_data = examples
         ctx.artefacts["siu_data"] = DATA_FILE
         names = [ctx.entity_name(e) for e in ctx.forget_entities]
-        self.vocab_drop = name_token_ids(ctx.adapter, names)
+        if self.opt.legacy_released_code:
+            self.vocab_drop = released_name_ids(ctx.adapter, names)
+        else:
+            self.vocab_drop = name_token_ids(ctx.adapter, names)
         self.spans = target_spans(ctx.adapter, examples, ctx.images)
 
     # ---- loss ----------------------------------------------------------------------------------------
@@ -146,8 +152,8 @@ class SIU(Method):
         if self.opt.legacy_released_code:  # every position of the batch: full logits, reproduction only
             logits = forward_logits(a, b)
             ce = answer_ce(logits, labels)
-            keep = self._token_keep(ex, labels, shift_by=image_tokens(a, b))
-            dmk = released_dmk_loss(ctx.reference.full_logits(b), logits, keep, self.vocab_drop)
+            dmk = released_siu_loss(ctx.reference.full_logits(b), logits, released_phrase_mask(a, b, ex),
+                                    self.vocab_drop)
             loss = ce + dmk
         else:
             states = batch_states(a, b)
@@ -157,15 +163,14 @@ class SIU(Method):
             loss = self.opt.alpha * ce + self.opt.beta * dmk
         return loss, {"ce": float(ce.detach()), "dmk": float(dmk.detach())}
 
-    def _token_keep(self, ex: list[Example], labels: torch.Tensor, shift_by: list[int] | None = None) -> torch.Tensor:
+    def _token_keep(self, ex: list[Example], labels: torch.Tensor) -> torch.Tensor:
         """(B, T-1) False at the shifted positions whose label token lies in the sample's target phrase."""
         keep = torch.ones(labels.shape[0], labels.shape[1] - 1, dtype=torch.bool, device=labels.device)
         for i, e in enumerate(ex):
             span = self.spans.get(e.id)
             if span is not None:
                 s, t = span
-                d = shift_by[i] if shift_by else 0
-                keep[i, max(0, s - 1 - d) : max(0, t - 1 - d)] = False
+                keep[i, max(0, s - 1) : max(0, t - 1)] = False
         return keep
 
 
@@ -317,11 +322,42 @@ def target_spans(
     return spans
 
 
-def image_tokens(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> list[int]:
-    """Per row, the number of extra positions image expansion added (image tokens − 1): the released code's
-    token mask was computed on the unexpanded sequence, so its positions sit this far too early."""
+def unexpanded_ids(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's tokens (padding dropped) with every run of image tokens collapsed to one placeholder: the
+    sequence the released LLaVA code tokenised, before the model expanded the image into its features."""
     image_id = getattr(adapter.model.config, "image_token_id", None)
-    if image_id is None:
-        return [0] * batch["input_ids"].shape[0]
-    n = (batch["input_ids"] == image_id).sum(1)
-    return [max(0, int(k) - 1) for k in n]
+    rows = []
+    for ids, att in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        row: list[int] = []
+        for t, a in zip(ids, att):
+            if a and not (t == image_id and row and row[-1] == image_id):
+                row.append(t)
+        rows.append(row)
+    return rows
+
+
+def released_phrase_mask(
+    adapter: ModelAdapter, batch: dict[str, torch.Tensor], examples: list[Example]
+) -> torch.Tensor:
+    """(B, L) 1 at every occurrence of the target phrase's token ids in the unexpanded sequence, 0 elsewhere.
+
+    As the released ``train.py`` (``preprocess_v1`` and the collator): the phrase is tokenised on its own
+    (``add_special_tokens=False``) and searched for token by token, so a tokenizer that spells the phrase
+    differently in context (a byte-level BPE's leading-space tokens) marks nothing; rows are padded with 0 to
+    the longest unexpanded row, L. A sample without a target phrase is searched for "none", the word its
+    released JSON carries instead.
+    """
+    rows = unexpanded_ids(adapter, batch)
+    mask = torch.zeros(len(rows), max(len(r) for r in rows))
+    for b, (row, e) in enumerate(zip(rows, examples, strict=True)):
+        phrase = adapter.tokenizer(e.target_phrase or "none", add_special_tokens=False)["input_ids"]
+        for i in range(len(row) - len(phrase) + 1):
+            if phrase and row[i : i + len(phrase)] == phrase:
+                mask[b, i : i + len(phrase)] = 1.0
+    return mask
+
+
+def released_name_ids(adapter: ModelAdapter, names: list[str]) -> list[int]:
+    """The released vocabulary mask: ``tokenizer.tokenize(name)`` as ids, the name as written, no variants."""
+    tok = adapter.tokenizer
+    return sorted({i for n in names for i in tok.convert_tokens_to_ids(tok.tokenize(n))})

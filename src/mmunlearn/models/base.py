@@ -22,11 +22,16 @@ IGNORE = -100
 
 @dataclass
 class Item:
-    """What an adapter encodes: a prompt, an optional answer, an optional image."""
+    """What an adapter encodes: a prompt, an optional answer, an optional image.
+
+    ``text``, when set, is the whole prompt as the model sees it (image placeholder included), used instead of
+    the chat template: the hand-built prompts of an official evaluation script (docs/paper_exact.md).
+    """
 
     prompt: str
     answer: str = ""
     image: Image.Image | None = None
+    text: str | None = None
 
 
 class ModelAdapter:
@@ -71,6 +76,15 @@ class ModelAdapter:
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
+    def item_text(self, item: Item) -> str:
+        """The prompt text of an item: its own ``text`` if it has one, else the chat-formatted prompt."""
+        return item.text if item.text is not None else self.prompt_text(item.prompt, item.image is not None)
+
+    @property
+    def image_placeholder(self) -> str:
+        """What stands for an image in a hand-built prompt (the processor expands it)."""
+        return getattr(self.processor, "image_token", None) or "<image>"
+
     @property
     def answer_end(self) -> str:
         """Text that closes an answer in training data (the end-of-turn token)."""
@@ -87,7 +101,7 @@ class ModelAdapter:
         Without answers the batch is left-padded for generation. ``answer_start`` gives, per row, the position
         of the first answer token (after image-token expansion), so losses can find answer spans.
         """
-        prompts = [self.prompt_text(it.prompt, it.image is not None) for it in items]
+        prompts = [self.item_text(it) for it in items]
         images = [it.image for it in items if it.image is not None]
         if not with_answer:
             return dict(self._process(prompts, images, "left"))
@@ -113,7 +127,7 @@ class ModelAdapter:
         prompt's tokens and needs the joint encoding. Image placeholders stay unexpanded here; they only
         change tokens before the answer.
         """
-        prompts = [self.prompt_text(it.prompt, it.image is not None) for it in items]
+        prompts = [self.item_text(it) for it in items]
         unique = list(dict.fromkeys(prompts))
         prompt_ids = dict(zip(unique, self.tokenizer(unique)["input_ids"]))
         full_ids = self.tokenizer([self._with_answer(p, it.answer) for p, it in zip(prompts, items)])["input_ids"]
@@ -142,7 +156,7 @@ class ModelAdapter:
         A prefix's trailing whitespace is left to the next word (tokenizers attach a space to the word after
         it); an empty prefix gives the answer start.
         """
-        prompts = [self.prompt_text(it.prompt, it.image is not None)
+        prompts = [self.item_text(it)
                    + (self.answer_sep + pre.rstrip() if pre.strip() else "")
                    for it, pre in zip(items, prefixes, strict=True)]
         images = [it.image for it in items if it.image is not None]

@@ -15,8 +15,9 @@ an error):
 * ``"update"`` (default): only masked entries move in that step — values *and* AdamW moments
   (``masks.masked_adamw_step``, in place, chunk by chunk, no clone); parameters absent from the mask are frozen
   for the step. A true constraint even with a shared optimizer.
-* ``"gradient"``: the released MMUnlearner behaviour — gradients are multiplied by the mask, parameters absent
-  from the mask keep their full gradient, and optimizer momentum can still move masked entries.
+* ``"gradient"``: the released MMUnlearner behaviour — gradients are clipped, then multiplied by the mask,
+  parameters absent from the mask keep their full gradient, and optimizer momentum can still move masked
+  entries.
 
 ``trainable_masks`` instead makes the masked entries the run's only trainable state, in every step
 (``train/sparse.py``: fp32 values and AdamW moments for the selected entries only — what lets a saliency-masked
@@ -278,12 +279,12 @@ class Engine:
         self.accelerator.backward(loss)
         self.masters.grads_to_master()
         resolved = self._resolved(mask) if mask is not None else None
-        if resolved is not None and self.cfg.mask_mode == "gradient":
-            mask_gradients(resolved, self.mask_chunk)
         if self.cfg.grad_clip:
             grads = [p for g in self.optimizer.param_groups for p in g["params"]]
             gn = torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip)
             logs["grad_norm"] = float(gn)
+        if resolved is not None and self.cfg.mask_mode == "gradient":  # after clipping, as the released script
+            mask_gradients(resolved, self.mask_chunk)
         if resolved is not None and self.cfg.mask_mode == "update":
             masked_adamw_step(self.torch_optimizer, resolved, self.mask_chunk)
             self.torch_optimizer._opt_called = True  # what the scheduler checks for "optimizer.step() first"

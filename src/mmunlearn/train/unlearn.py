@@ -67,6 +67,9 @@ class UnlearnConfig:
     full_parameter: True trains full parameters even where the recipe uses LoRA; False asks for LoRA.
     warmup_steps / warmup_ratio: linear warm-up length, in steps or as a fraction of the run.
     gradient_checkpointing: None = on above 1B parameters.
+    paper_exact: reproduce the official code (docs/paper_exact.md): the method's ``paper_exact`` options are
+        forced (a contradicting explicit option is an error) and its ``paper_exact_defaults`` fill unset
+        training fields before its tuned defaults do.
     """
 
     method: str = "mmunlearner"
@@ -93,10 +96,11 @@ class UnlearnConfig:
     recipe: str = "auto"
     full_parameter: bool | None = None
     gradient_checkpointing: bool | None = None
+    paper_exact: bool = False
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
-        method_options(cls, self.method_options)  # fail early on a bad option
+        effective_options(cls, self.method_options, self.paper_exact)  # fail early on a bad option
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
@@ -123,7 +127,10 @@ class UnlearnConfig:
     def resolved(self, recipe: dict[str, Any] | None = None) -> UnlearnConfig:
         """A copy with every unset field filled from ``recipe`` (default: the method's tuned ``defaults``),
         then the global fallback."""
-        d = METHODS.get(self.method).defaults if recipe is None else recipe
+        cls = METHODS.get(self.method)
+        d = cls.defaults if recipe is None else recipe
+        if self.paper_exact:  # the official code's training settings win over the recipe's
+            d = d | cls.paper_exact_defaults
         values: dict[str, Any] = {}
         explicit_length = self.steps is not None or self.epochs is not None
         for name in RESOLVABLE:
@@ -149,9 +156,25 @@ def method_options(cls: type[Method], options: dict[str, Any]) -> Any:
     return C.build(cls.Options, options, f"method_options ({cls.name})")
 
 
+def effective_options(cls: type[Method], options: dict[str, Any], paper_exact: bool = False) -> Any:
+    """The method's options; in paper-exact mode with ``cls.paper_exact`` forced on top. An explicit option
+    that contradicts a paper-exact one is a ConfigError (the run could not be both)."""
+    if not paper_exact:
+        return method_options(cls, options)
+    given = method_options(cls, options)
+    exact = method_options(cls, {**options, **cls.paper_exact})
+    for key, value in cls.paper_exact.items():
+        if key in options and getattr(given, key) != getattr(exact, key):
+            raise ConfigError(
+                f"method_options.{key}={options[key]!r} contradicts paper_exact=true ({cls.name}'s official code "
+                f"uses {value!r}); drop one of them"
+            )
+    return exact
+
+
 def build_method(cfg: UnlearnConfig) -> Method:
     cls = METHODS.get(cfg.method)
-    return cls(method_options(cls, cfg.method_options))
+    return cls(effective_options(cls, cfg.method_options, cfg.paper_exact))
 
 
 def forget_entities(bench: Benchmark, cfg: UnlearnConfig) -> list[str]:
@@ -232,6 +255,7 @@ def unlearn(
             adapter.model.train()
     adapter.model.eval()
     return {
+        "mode": "paper_exact" if cfg.paper_exact else "default",
         "config": C.to_dict(cfg), "method_options": C.to_dict(method.opt), "forget_entities": forget,
         "recipe": which, "reference": ctx.reference.kind if ctx.reference is not None else None,
         "gradient_checkpointing": engine.gradient_checkpointing,
