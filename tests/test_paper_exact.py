@@ -20,6 +20,7 @@ from mmunlearn.methods import saliency as S
 from mmunlearn.methods.base import Batches, batch_ce
 from mmunlearn.methods.losses import answer_ce, dmk_loss, released_siu_loss
 from mmunlearn.methods.mmunlearner import MMUnlearner, MMUnlearnerOptions
+from mmunlearn.methods.reference import Reference
 from mmunlearn.methods.siu import SIU, released_name_ids, released_phrase_mask
 from mmunlearn.models.base import Item
 from mmunlearn.models.llava import LlavaAdapter
@@ -115,7 +116,7 @@ def test_released_siu_loss_on_an_encoded_batch_whose_target_phrase_excludes_posi
     assert isinstance(siu, SIU) and siu.opt.legacy_released_code
     siu.vocab_drop = drop
     ref_model = LlavaAdapter(build_llava(seed=3)[0], llava.processor)
-    ctx = SimpleNamespace(adapter=llava, reference=ref_model)
+    ctx = SimpleNamespace(adapter=llava, reference=Reference("frozen-copy", ref_model))
     loss, _ = siu.loss(ctx, Batches(forget=batch, forget_examples=ex))
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_start")}
@@ -320,7 +321,7 @@ def test_official_preserve_set_is_one_shuffled_mix(small_bench, llava, tmp_path)
     assert set(exact.masks) == {n for n in names if S.official_maskable(n)}
     seen, default = kinds_seen(False)
     assert {"vqa", "qa"} not in seen
-    assert all(m.dim() == 2 for m in default.masks.values())
+    assert all(len(m.shape) == 2 for m in default.masks.values())
 
 
 # ---- GA+KL: the released SIU baseline ran text-only ----------------------------------------------------------
