@@ -12,14 +12,16 @@ per-parameter update mask, the optimizer and the schedule. Mask modes:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from mmunlearn.errors import ConfigError
+from mmunlearn.errors import ConfigError, ModelError, NonFiniteError
 from mmunlearn.models.base import ModelAdapter
 
 GROUPS = ("vision", "projector", "language")
@@ -48,6 +50,7 @@ class OptimConfig:
     trainable: tuple[str, ...] = GROUPS
     lora: LoraOptions | None = None
     mask_mode: str = "update"
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the step
 
     def __post_init__(self) -> None:
         bad = [g for g in (*self.trainable, *self.group_lr) if g not in GROUPS]
@@ -57,6 +60,8 @@ class OptimConfig:
             raise ConfigError("trainable must name at least one parameter group")
         if self.mask_mode not in ("update", "gradient"):
             raise ConfigError(f"mask_mode must be 'update' or 'gradient', got {self.mask_mode!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ConfigError("lr must be > 0 and max_steps >= 1")
 
@@ -141,6 +146,8 @@ class Engine:
         if self.cfg.grad_clip:
             gn = self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), self.cfg.grad_clip)
             logs["grad_norm"] = float(gn)
+        if not self.finite_step(loss, logs):
+            return logs
         if mask is not None and self.cfg.mask_mode == "update":
             self._masked_update(mask)
         else:
@@ -170,3 +177,62 @@ class Engine:
                 for k in ("exp_avg", "exp_avg_sq"):
                     if k in state:
                         state[k][keep] = moments[k][keep] if k in moments else 0.0
+
+    # ---- numerical guard and resumable state ------------------------------------------------------------
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss
+    skipped: tuple[int, ...] = ()  # steps skipped for a non-finite loss or gradient norm (on_nonfinite: skip)
+
+    def finite_step(self, loss: torch.Tensor, logs: dict[str, float]) -> bool:
+        """Check the loss and gradient norm before the optimizer moves anything.
+
+        Finite: True. Otherwise NonFiniteError naming the step and the last finite loss, or, with
+        ``on_nonfinite: skip``, the step is dropped (no update; the schedule advances) and False is returned.
+        """
+        value = float(loss.detach())
+        gn = logs.get("grad_norm")
+        if gn is None:
+            grads = [p.grad.detach().float().norm() for p in self.trainable_parameters().values() if p.grad is not None]
+            gn = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        if math.isfinite(value) and math.isfinite(gn):
+            self.last_finite = (self.global_step, value)
+            return True
+        what = f"loss ({value})" if not math.isfinite(value) else f"gradient norm ({gn})"
+        if self.cfg.on_nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped = (*self.skipped, self.global_step)
+            self.scheduler.step()
+            self.global_step += 1
+            logs.update(loss=value, lr=self.scheduler.get_last_lr()[0], skipped=1.0)
+            return False
+        last = ("no finite loss before it" if self.last_finite is None
+                else f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}")
+        raise NonFiniteError(
+            f"non-finite {what} at step {self.global_step}; {last}; nothing was saved "
+            "(lower lr, or set on_nonfinite=skip to skip such steps)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the engine: trainable weights (CPU copies), optimizer, schedule, step."""
+        return {
+            "model": {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.trainable_parameters().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_step": self.global_step,
+            "skipped": list(self.skipped),
+            "last_finite": list(self.last_finite) if self.last_finite else None,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        params = self.trainable_parameters()
+        if set(d["model"]) != set(params):
+            extra = sorted(set(d["model"]) ^ set(params))
+            raise ModelError(f"checkpoint trains other parameters than this run, e.g. {extra[0]!r}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(d["model"][n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.scheduler.load_state_dict(d["scheduler"])
+        self.global_step = int(d["global_step"])
+        self.skipped = tuple(int(i) for i in d.get("skipped", ()))
+        last = d.get("last_finite")
+        self.last_finite = (int(last[0]), float(last[1])) if last else None
