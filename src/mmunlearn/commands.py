@@ -62,7 +62,8 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
     check_output_dir(out, overwrite, protect)
     inputs = M.inputs(data, model)
-    fingerprint = {"command": "finetune", "config": C.to_dict(cfg), "family": family, "inputs": inputs}
+    config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
+    fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs}
     with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint)
         checkpoints.check()

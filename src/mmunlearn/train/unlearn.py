@@ -291,7 +291,8 @@ def run_unlearn(
     bench = validate_unlearn(data, model, out, resolved, family, overwrite)
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
     inputs = M.inputs(data, model)
-    fingerprint = {"command": "unlearn", "config": C.to_dict(resolved), "family": family, "inputs": inputs}
+    fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
+                   "inputs": inputs}
     with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint)
         checkpoints.check()  # a checkpoint of another run is refused before the model is loaded
@@ -305,6 +306,11 @@ def run_unlearn(
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_dict, sort_keys=False))
         M.write_manifest(tmp, "unlearn", resolved_dict, cfg.seed, inputs, t0)
     return record
+
+
+def resume_relevant(config: dict) -> dict:
+    """The options a resumed run must share with the interrupted one (how often it saves may change)."""
+    return {k: v for k, v in config.items() if k != "save_every"}
 
 
 def validate_unlearn(data: str, model: str, out: str, cfg: UnlearnConfig, family: str | None,
