@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fixtures_formats import write_mllmu
 from PIL import Image
 
+from fixtures_formats import write_mllmu
 from mmunlearn.cli import main
 from mmunlearn.commands import benchmark_corpus
 from mmunlearn.data.batches import decode_image
@@ -154,7 +154,8 @@ def test_empty_forget_set(tmp_path, capsys, data, vanilla):
     meta = json.loads((data / "benchmark.json").read_text())
     meta["forget_sets"]["forget15"] = []
     (data / "benchmark.json").write_text(json.dumps(meta))
-    fails(capsys, tmp_path / "u", *unlearn(data, vanilla, tmp_path / "u"), match="forget_sets.forget15': the forget set is empty")
+    fails(capsys, tmp_path / "u", *unlearn(data, vanilla, tmp_path / "u"),
+          match="forget_sets.forget15': the forget set is empty")
 
 
 def test_forget_retain_overlap(tmp_path, capsys, data, vanilla):
