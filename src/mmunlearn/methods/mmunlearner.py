@@ -118,7 +118,7 @@ class MMUnlearner(Method):
             unknown = [n for n in self.masks if n not in group_of]
             if unknown:
                 raise ConfigError(f"{self.opt.masks_path}: masks for unknown parameters, e.g. {unknown[0]!r}")
-            self.masks = {n: m for n, m in self.masks.items() if n in names}
+            self.masks = {n: self.masks[n] for n in names if n in self.masks}  # in parameter order
         else:
             self.masks = self._compute(ctx, names, group_of)
         dev = next(a.model.parameters()).device
