@@ -15,7 +15,8 @@ from mmunlearn.models.tiny import save_tiny
 
 FT = ["--quiet", "--set", "steps=2", "--set", "vision_warmup_steps=1", "--set", "batch_size=4"]
 UL = ["--quiet", "--set", "steps=2", "--set", "batch_size=4", "--set", "forget_set=forget15"]
-EV = ["--quiet", "--set", "forget_set=forget15", "--set", "limit=4", "--set", "max_new_tokens=4", "--set", "cache=false"]
+EV = ["--quiet", "--set", "forget_set=forget15", "--set", "limit=4", "--set", "max_new_tokens=4",
+      "--set", "cache=false"]
 
 
 @pytest.fixture(scope="module")
