@@ -260,12 +260,12 @@ def read_parquet(
     for f in files:
         try:
             pf = pq.ParquetFile(f)
-        except (pa.ArrowException, OSError) as e:
+            names = pf.schema_arrow.names
+        except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: also undecodable metadata
             with open(f, "rb") as fh:
                 head = fh.read(64)
             hint = " (a Git LFS pointer: fetch the file with 'git lfs pull')" if head.startswith(b"version ") else ""
             raise DataError(f"{f}: not a readable parquet file{hint} ({one_line(e)})") from e
-        names = pf.schema_arrow.names
         for col in required:
             if col not in names:
                 raise DataError(f"{f}: missing column {col!r} (columns present: {', '.join(names)})")
