@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fixtures_formats import png_bytes, write_mllmu
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures_formats import png_bytes, write_mllmu
 from mmunlearn import config as C
 from mmunlearn.data.batches import decode_image
 from mmunlearn.data.convert import convert
