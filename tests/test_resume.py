@@ -137,3 +137,58 @@ def test_temporary_directories_of_dead_runs_are_removed(tmp_path, capsys, small_
     assert main(["finetune", "--data", str(small_bench.root), "--out", str(out), *FT]) == 0
     assert not stale.exists() and not leftovers(out)
     assert (out / "model.safetensors").is_file()
+
+
+def test_batch_stream_state_round_trip(small_bench):
+    from mmunlearn.commands import open_model
+    from mmunlearn.data.batches import BatchStream, ImageCache
+    from mmunlearn.train.finetune import training_examples
+
+    adapter = open_model("tiny", small_bench)
+    ex = training_examples(small_bench)[:10]
+    a = BatchStream(adapter, ex, ImageCache(small_bench), batch_size=3, seed=5)
+    for _ in range(4):  # into the second epoch (3 batches per epoch)
+        a.next_examples()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = BatchStream(adapter, ex, ImageCache(small_bench), batch_size=3, seed=99)
+    b.load_state_dict(state)
+    for _ in range(7):
+        assert [e.id for e in a.next_examples()] == [e.id for e in b.next_examples()]
+    assert a.epoch == b.epoch == 3
+
+
+def test_engine_state_round_trip_with_lora_and_dropout(tmp_path, small_bench):
+    """Checkpointer + Engine.state_dict: 2 steps, save, 2 steps == 2 steps, load into a fresh engine, 2 steps
+    (LoRA dropout draws from the torch generator, which the checkpoint restores)."""
+    from mmunlearn.checkpoint import Checkpointer
+    from mmunlearn.commands import open_model
+    from mmunlearn.data.batches import BatchStream, ImageCache
+    from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
+    from mmunlearn.train.finetune import ce_loss, training_examples
+
+    cfg = OptimConfig(lr=1e-2, max_steps=4, trainable=("language",), scheduler="cosine",
+                      lora=LoraOptions(r=4, dropout=0.5))
+
+    def setup():
+        adapter = open_model("tiny", small_bench)
+        engine = Engine(adapter, cfg, seed=1)
+        return adapter, engine, BatchStream(adapter, training_examples(small_bench), ImageCache(small_bench), 4)
+
+    ck = Checkpointer(tmp_path, every=2, fingerprint={"test": 1})
+    adapter, engine, stream = setup()
+    for step in range(4):
+        engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
+        if step == 1:
+            ck.save(2, engine.state_dict(), {"streams": {"train": stream.state_dict()}})
+    want = {n: p.detach().clone() for n, p in engine.trainable_parameters().items()}
+
+    adapter, engine, stream = setup()
+    loaded = ck.load()
+    engine.load_state_dict(loaded.engine)
+    stream.load_state_dict(loaded.state["streams"]["train"])
+    assert loaded.step == 2 and engine.global_step == 2
+    for _ in range(2):
+        engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
+    got = engine.trainable_parameters()
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert engine.global_step == 4
