@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from mmunlearn import config as C
-from mmunlearn.errors import MMUError
+from mmunlearn.errors import MMUError, RunInterrupted
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
+def _resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run into --out from its last checkpoint (same options)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="model family (tiny, llava, qwen2-vl); default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
     _dtype(p)
+    _resume(p)
     _common(p)
 
     p = sub.add_parser("unlearn", help="unlearn a forget set (or entities) from a vanilla model")
@@ -49,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="model family; default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
     _dtype(p)
+    _resume(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="score a model on every split")
@@ -62,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", help="results.json of demo (or its directory) and/or evaluate --out files")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the plots")
     p.add_argument("--title", default="mmunlearn report")
+
+    p = sub.add_parser("manifest", help="check a run's outputs and inputs against its manifest")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("target", help="a finetune/unlearn output directory, or an evaluate results JSON")
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in benchmark with the tiny model")
     p.add_argument("--workdir", default="runs/demo", help="where data, models and the report go")
@@ -81,7 +92,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     from mmunlearn import commands as cmd
 
     progress = not getattr(args, "quiet", False)
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
 
         cfg = C.load(FinetuneConfig, args.config, args.set)
         rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress,
-                               dtype=args.dtype)
+                               dtype=args.dtype, resume=args.resume)
         print(f"wrote {args.out} (trained in {rec['log']['train_seconds']} s)")
     elif args.command == "unlearn":
         from mmunlearn.train.unlearn import UnlearnConfig, run_unlearn
@@ -110,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
         base = {"method": args.method} if args.method else {}
         cfg = C.load(UnlearnConfig, args.config, args.set, base=base)
         rec = run_unlearn(args.data, args.model, args.out, cfg, args.overwrite, progress, args.family,
-                          dtype=args.dtype)
+                          dtype=args.dtype, resume=args.resume)
         c = rec["config"]
         how = f"LoRA r={c['lora']['r']}" if c.get("lora") else "full-parameter"
         print(f"recipe: {rec['recipe']} ({how}, lr {c['lr']}, batch {c['batch_size']}, "
@@ -129,26 +140,38 @@ def run(args: argparse.Namespace) -> None:
 
         paths = write_report(load_results(args.results), args.out, title=args.title)
         print(f"report: {paths['markdown']} and {paths['html']}")
+    elif args.command == "manifest":
+        problems = cmd.check_manifest(args.target)
+        for line in problems:
+            print(line)
+        if problems:
+            return 1
+        from mmunlearn.manifest import summary
+
+        print(summary(args.target))
     elif args.command == "demo":
         from mmunlearn.demo import DemoConfig, run_demo
 
         cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast})
         report = run_demo(args.workdir, cfg, progress=progress)
         print(f"report: {report}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        run(args)
+        return run(args)
+    except RunInterrupted as e:
+        print(f"mmunlearn {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except MMUError as e:
         print(f"mmunlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ from pathlib import Path
 import torch
 
 from mmunlearn import config as C
+from mmunlearn import manifest as M
+from mmunlearn import validate as V
+from mmunlearn.checkpoint import Checkpointer
 from mmunlearn.data.fictitious import FictitiousConfig, make_fictitious
 from mmunlearn.data.schema import Benchmark
-from mmunlearn.errors import ConfigError, ModelError
+from mmunlearn.errors import ConfigError, DataError, ModelError
 from mmunlearn.eval.cache import EvalCache, default_cache_dir, fingerprint
 from mmunlearn.eval.runner import EvalConfig, evaluate, mode_of
 from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
-from mmunlearn.outputs import atomic_dir, write_json
-from mmunlearn.train.finetune import FinetuneConfig, finetune
+from mmunlearn.outputs import atomic_dir, check_output_dir, write_json
+from mmunlearn.train.finetune import FinetuneConfig, finetune, training_examples
 
 RUN_FILE = "mmunlearn_run.json"
 
@@ -51,18 +54,30 @@ def make_data(out: str, cfg: FictitiousConfig, overwrite: bool = False) -> Bench
 
 
 def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: str | None = None,
-                 overwrite: bool = False, progress: bool = True, dtype: str = "auto") -> dict:
-    bench = Benchmark.load(data)
-    protect = (model,) if Path(model).is_dir() else ()
-    with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
+                 overwrite: bool = False, progress: bool = True, resume: bool = False, dtype: str = "auto") -> dict:
+    """Fine-tune ``model`` on benchmark ``data`` into ``out`` (validated first; ``resume`` continues into it)."""
+    t0 = time.time()
+    bench, _ = V.check_data(data)
+    if not training_examples(bench):
+        raise DataError(f"{Path(data) / 'examples.jsonl'}: no examples with purpose 'train' to fine-tune on")
+    V.check_model(model, family)
+    protect = tuple(p for p in (model, data) if Path(p).is_dir())
+    check_output_dir(out, overwrite, protect)
+    inputs = M.inputs(data, model)
+    config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
+    fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs}
+    with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
+        checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint)
+        checkpoints.check()
         adapter = open_model(model, bench, family, dtype)
-        log = finetune(adapter, bench, cfg, progress=progress,
-                       checkpoint=lambda step: adapter.save(tmp / "checkpoints" / f"step-{step}"))
+        log = finetune(adapter, bench, cfg, progress=progress, checkpoints=checkpoints)
+        V.check_finite_weights(dict(adapter.model.named_parameters()))
         export(adapter, tmp, merge=True)
         record = {"command": "finetune", "data": str(Path(data).resolve()), "base_model": model,
                   "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   "config": C.to_dict(cfg), "log": log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(tmp / RUN_FILE, record)
+        M.write_manifest(tmp, "finetune", C.to_dict(cfg), cfg.seed, inputs, t0)
     return record
 
 
@@ -83,8 +98,18 @@ def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
 
 def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None, progress: bool = True,
                  dtype: str = "auto") -> dict:
-    bench = Benchmark.load(data)
+    """Score ``model`` on every split of ``data``; with ``out``, a results JSON, a Markdown table and a manifest."""
+    t_start = time.time()
+    bench, _ = V.check_data(data)
     bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
+    V.check_model(model, None)
+    if cfg.reference:
+        V.check_model(cfg.reference, None)
+    if out and Path(out).is_dir():
+        raise ConfigError(f"option --out: {out} is a directory; name the results JSON file to write")
+    for p in (model, data, cfg.reference):
+        if out and p and Path(p).is_dir() and Path(out).resolve().is_relative_to(Path(p).resolve()):
+            raise ConfigError(f"option --out: {out} would write into {p}; choose another --out")
     adapter = open_model(model, bench, dtype=dtype)
     reference = open_model(cfg.reference, bench, dtype=dtype) if cfg.reference else None
     cache = None
@@ -101,8 +126,19 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, res)
-        Path(out).with_suffix(".md").write_text(results_markdown({"model": res}))
+        md = Path(out).with_suffix(".md")
+        md.write_text(results_markdown({"model": res}))
+        inputs = M.inputs(data, model)
+        inputs["model"] = inputs.pop("base_model")
+        if cfg.reference:
+            inputs["reference_model"] = M.inputs(None, cfg.reference)["base_model"]
+        M.write_manifest(out, "evaluate", C.to_dict(cfg), None, inputs, t_start, output_files=[Path(out), md])
     return res
+
+
+def check_manifest(target: str) -> list[str]:
+    """Mismatches between a run's manifest and the files now on disk (empty: all as recorded)."""
+    return M.check(target)
 
 
 COLUMNS = [

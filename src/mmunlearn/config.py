@@ -32,8 +32,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from e
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty option name in {key!r}")
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} was set to a value, not options")
         node[parts[-1]] = value
     return out
 
@@ -108,7 +112,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads "3e-4" (no dot) as a string

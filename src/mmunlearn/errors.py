@@ -15,3 +15,19 @@ class DataError(MMUError):
 
 class ModelError(MMUError):
     """A model directory, family or checkpoint cannot be used."""
+
+
+class NonFiniteError(MMUError):
+    """A loss or gradient norm became NaN or infinite; the run stops before anything is saved."""
+
+
+class RunInterrupted(MMUError):
+    """SIGTERM or Ctrl-C during training: a checkpoint was written and ``--resume`` continues from it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class CheckpointMismatch(ConfigError):
+    """``--resume`` found a checkpoint made with other options or data; it is kept, nothing else is done."""

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import unicodedata
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -142,16 +143,19 @@ class ImageStore:
         if key in self._by_hash:
             return self._by_hash[key]
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format
-                im.load()
-                if fmt in ("PNG", "JPEG", "MPO"):
-                    ext, payload = (".png", data) if fmt == "PNG" else (".jpg", data)
-                else:
-                    buf = io.BytesIO()
-                    im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
-                    ext, payload = ".png", buf.getvalue()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is refused, not decoded
+                with Image.open(io.BytesIO(data)) as im:
+                    fmt = im.format
+                    im.load()
+                    if fmt in ("PNG", "JPEG", "MPO"):
+                        ext, payload = (".png", data) if fmt == "PNG" else (".jpg", data)
+                    else:
+                        buf = io.BytesIO()
+                        im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
+                        ext, payload = ".png", buf.getvalue()
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
             reason = "not a known image format" if isinstance(e, UnidentifiedImageError) else one_line(e)
             raise DataError(f"{where}: image bytes do not decode as an image ({reason})") from e
         rel = f"images/{key}{ext}"
@@ -256,19 +260,27 @@ def read_parquet(
     for f in files:
         try:
             pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as e:
+            names = pf.schema_arrow.names
+        except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: also undecodable metadata
             with open(f, "rb") as fh:
                 head = fh.read(64)
             hint = " (a Git LFS pointer: fetch the file with 'git lfs pull')" if head.startswith(b"version ") else ""
             raise DataError(f"{f}: not a readable parquet file{hint} ({one_line(e)})") from e
-        names = pf.schema_arrow.names
         for col in required:
             if col not in names:
                 raise DataError(f"{f}: missing column {col!r} (columns present: {', '.join(names)})")
         cols = list(required) + [c for c in optional if c in names]
         i = 0
-        for batch in pf.iter_batches(batch_size=32, columns=cols):
-            for row in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=32, columns=cols)
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = [] if batch is None else batch.to_pylist()
+            except (pa.ArrowException, OSError, ValueError) as e:  # a corrupt page inside a readable file
+                raise DataError(f"{f} row {i}: not a readable parquet file ({one_line(e)})") from e
+            if batch is None:
+                break
+            for row in rows:
                 yield f"{f} row {i}", row
                 i += 1
 

@@ -145,6 +145,14 @@ def _json_field(value: Any, where: str, field: str) -> Any:
     return value
 
 
+def _shaped(value: Any, kind: type, where: str, field: str) -> Any:
+    """``value`` if it is a ``kind`` (dict: a struct / JSON object, list: a list), else a DataError naming the field."""
+    if not isinstance(value, kind):
+        shape = "an object" if kind is dict else "a list"
+        raise DataError(f"{where} field {field!r}: expected {shape}, got {type(value).__name__}")
+    return value
+
+
 def _cycle_images(row: dict, src: Path, store: ImageStore, where: str) -> Callable[[], str]:
     """Held-out images of a Test_Set row, handed out in turn so every image gets questions."""
     images = row.get("images") or []
@@ -175,11 +183,14 @@ def _questions(
                            prompt=prompt, answer=answer, split=split, purpose="eval", image=image,
                            qtype=qtype, **kw))
 
-    ct = _json_field(row.get("Classification_Task"), where, "Classification_Task") or {}
+    ct = _shaped(_json_field(row.get("Classification_Task"), where, "Classification_Task") or {}, dict, where,
+                 "Classification_Task")
     for key, kind in MC_KEYS:
-        for j, q in enumerate(ct.get(key) or []):
+        for j, q in enumerate(_shaped(ct.get(key) or [], list, where, f"Classification_Task.{key}")):
             field = f"Classification_Task.{key}[{j}]"
-            opts = _json_field(q.get("Options"), where, f"{field}.Options") or {}
+            q = _shaped(q, dict, where, field)
+            opts = _shaped(_json_field(q.get("Options"), where, f"{field}.Options") or {}, dict, where,
+                           f"{field}.Options")
             letters = [k for k in sorted(opts) if opts[k] is not None]
             correct = str(q.get("Correct_Answer") or "").strip().upper()
             if correct not in letters:
@@ -191,9 +202,10 @@ def _questions(
             add(kind, "mc", q.get("Question"), options[letters.index(correct)], field,
                 options=options, answer_index=letters.index(correct))
     for column, task in (("Generation_Task", "gen"), ("Mask_Task", "cloze")):
-        for j, q in enumerate(_json_field(row.get(column), where, column) or []):
+        for j, q in enumerate(_shaped(_json_field(row.get(column), where, column) or [], list, where, column)):
             field = f"{column}[{j}]"
-            kind = TYPE_KIND.get(q.get("Type"))
+            q = _shaped(q, dict, where, field)
+            kind = TYPE_KIND.get(q["Type"]) if isinstance(q.get("Type"), str) else None
             if kind is None:
                 raise DataError(
                     f"{where} field {field + '.Type'!r}: {q.get('Type')!r}, expected one of {list(TYPE_KIND)}"

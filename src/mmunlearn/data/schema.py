@@ -55,6 +55,7 @@ class Example:
     meta: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name, value, allowed in (
             ("kind", self.kind, KINDS),
             ("task", self.task, TASKS),
@@ -69,6 +70,23 @@ class Example:
             if not self.options or self.answer_index is None or not 0 <= self.answer_index < len(self.options):
                 raise DataError(f"example {self.id!r}: multiple choice needs options and a valid answer_index")
 
+    def _check_types(self) -> None:
+        """Field types as annotated (JSON can hold anything; a number where a path belongs fails late)."""
+        for name in ("id", "entity", "kind", "task", "prompt", "answer", "split", "purpose", "qtype"):
+            if not isinstance(getattr(self, name), str):
+                raise DataError(f"example {self.id!r}: field {name!r} must be a string")
+        for name in ("image", "target_phrase"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise DataError(f"example {self.id!r}: field {name!r} must be a string or null")
+        if self.options is not None and not (
+            isinstance(self.options, list) and all(isinstance(o, str) for o in self.options)
+        ):
+            raise DataError(f"example {self.id!r}: field 'options' must be a list of strings or null")
+        if self.answer_index is not None and (type(self.answer_index) is not int):
+            raise DataError(f"example {self.id!r}: field 'answer_index' must be an integer or null")
+        if not isinstance(self.meta, dict):
+            raise DataError(f"example {self.id!r}: field 'meta' must be an object")
+
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> Example:
         names = {f.name for f in fields(cls)}
@@ -78,6 +96,8 @@ class Example:
         try:
             return cls(**d)
         except TypeError as e:
+            raise DataError(f"{where}: {e}") from e
+        except DataError as e:
             raise DataError(f"{where}: {e}") from e
 
 
@@ -169,24 +189,34 @@ class Benchmark:
             if not (root / name).is_file():
                 raise DataError(f"{root}: missing {name} (create it with 'mmunlearn make-data')")
         try:
-            meta = json.loads((root / "benchmark.json").read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads((root / "benchmark.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{root / 'benchmark.json'}: not valid JSON ({e})") from e
         examples = []
-        with open(root / "examples.jsonl", encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{root / 'examples.jsonl'} line {i}"
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from e
-                if not isinstance(d, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                examples.append(Example.from_dict(d, where))
+        try:
+            lines = (root / "examples.jsonl").read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{root / 'examples.jsonl'}: not UTF-8 text (byte {e.start})") from e
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{root / 'examples.jsonl'} line {i}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+            if not isinstance(d, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            examples.append(Example.from_dict(d, where))
         if not isinstance(meta, dict) or "forget_sets" not in meta:
             raise DataError(f"{root / 'benchmark.json'}: missing field 'forget_sets'")
+        fs = meta["forget_sets"]
+        if not isinstance(fs, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in fs.values()
+        ):
+            raise DataError(f"{root / 'benchmark.json'} field 'forget_sets': expected a mapping of name -> entity ids")
+        if not isinstance(meta.get("info", {}), dict) or not isinstance(meta.get("name", ""), str):
+            raise DataError(f"{root / 'benchmark.json'}: field 'info' must be an object and 'name' a string")
         return cls(meta.get("name", root.name), root, examples, meta["forget_sets"], meta.get("info", {}))
 
 

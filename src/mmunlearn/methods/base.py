@@ -87,6 +87,8 @@ class Context:
 
     ``out_dir`` is the (temporary) output directory; artefacts a method writes there are listed in
     ``artefacts`` (name -> file name) for the run record. ``engine`` is set once training starts.
+    ``resume``: the run continues from a checkpoint; artefacts ``prepare`` wrote before are in ``out_dir``
+    and are read back instead of being built again.
     """
 
     adapter: ModelAdapter
@@ -105,6 +107,7 @@ class Context:
     artefacts: dict[str, str] = field(default_factory=dict)
     n_forget_batches: int = 0
     n_retain_batches: int = 0
+    resume: bool = False
 
     def entity_name(self, entity: str) -> str:
         names = self.bench.entity_names()

@@ -144,12 +144,13 @@ class MMUnlearner(Method):
                  if group_of[n] in masked_groups and (official or S.maskable(n, p))]
         if not names:
             raise ConfigError(f"mmunlearner: no linear-layer weights in groups {self.opt.groups} to mask")
-        if self.opt.masks_path:
-            self.masks = S.load_masks(self.opt.masks_path)
+        saved = ctx.out_dir / MASK_FILE
+        if self.opt.masks_path or ctx.resume and saved.is_file():
+            self.masks = S.load_masks(self.opt.masks_path or saved)
             unknown = [n for n in self.masks if n not in group_of]
             if unknown:
                 raise ConfigError(f"{self.opt.masks_path}: masks for unknown parameters, e.g. {unknown[0]!r}")
-            self.masks = {n: m for n, m in self.masks.items() if n in names}
+            self.masks = {n: self.masks[n] for n in names if n in self.masks}  # in parameter order
         else:
             masks = self._compute(ctx, names, group_of)
             if official:

@@ -125,6 +125,9 @@ class SIU(Method):
         image_dir = ctx.bench.root
         if self.opt.data_path:
             image_dir = Path(self.opt.image_dir) if self.opt.image_dir else image_dir
+        if ctx.resume and path.is_file():
+            pass  # built (or copied) before the interruption: read back below
+        elif self.opt.data_path:
             examples = read_siu_json(Path(self.opt.data_path), image_dir, ctx.forget_entities[0])
             write_siu_json(examples_relative(examples, image_dir), path)  # a copy beside the model
         else:

@@ -27,14 +27,16 @@ full-parameter run of a 7B model fit one 80 GB GPU).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from mmunlearn.errors import ConfigError
+from mmunlearn.errors import ConfigError, ModelError, NonFiniteError
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.train.masks import PackedMask, chunk_entries, mask_gradients, masked_adamw_step
 from mmunlearn.train.sparse import SparseTrainer
@@ -43,6 +45,7 @@ GROUPS = ("vision", "projector", "language")
 CHECKPOINT_ABOVE = 1_000_000_000  # parameters; gradient checkpointing on by default above this
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MaskLike = torch.Tensor | PackedMask
+MASTER, SPARSE = "master::", "sparse::"  # keys of fp32 masters and sparse entries in a checkpoint
 StepFn = Callable[[], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -80,6 +83,7 @@ class OptimConfig:
     lora: LoraOptions | None = None
     mask_mode: str = "update"
     gradient_checkpointing: bool | None = None  # None: on above CHECKPOINT_ABOVE parameters
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the step
 
     def __post_init__(self) -> None:
         bad = [g for g in (*self.trainable, *self.group_lr) if g not in GROUPS]
@@ -89,6 +93,8 @@ class OptimConfig:
             raise ConfigError("trainable must name at least one parameter group")
         if self.mask_mode not in ("update", "gradient"):
             raise ConfigError(f"mask_mode must be 'update' or 'gradient', got {self.mask_mode!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ConfigError("lr must be > 0 and max_steps >= 1")
 
@@ -283,6 +289,8 @@ class Engine:
             grads = [p for g in self.optimizer.param_groups for p in g["params"]]
             gn = torch.nn.utils.clip_grad_norm_(grads, self.cfg.grad_clip)
             logs["grad_norm"] = float(gn)
+        if not self.finite_step(loss, logs):
+            return logs
         if resolved is not None and self.cfg.mask_mode == "gradient":  # after clipping, as the released script
             mask_gradients(resolved, self.mask_chunk)
         if resolved is not None and self.cfg.mask_mode == "update":
@@ -298,3 +306,76 @@ class Engine:
         logs["loss"] = float(loss.detach())
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
+
+    # ---- numerical guard and resumable state ------------------------------------------------------------
+    last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss
+    skipped: tuple[int, ...] = ()  # steps skipped for a non-finite loss or gradient norm (on_nonfinite: skip)
+
+    def finite_step(self, loss: torch.Tensor, logs: dict[str, float]) -> bool:
+        """Check the loss and gradient norm before the optimizer moves anything.
+
+        Finite: True. Otherwise NonFiniteError naming the step and the last finite loss, or, with
+        ``on_nonfinite: skip``, the step is dropped (no update; the schedule advances) and False is returned.
+        """
+        value = float(loss.detach())
+        gn = logs.get("grad_norm")
+        if gn is None:  # the optimizer's tensors hold the gradients (fp32 masters, sparse entries)
+            grads = [p.grad.detach().float().norm() for g in self.optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]
+            gn = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        if math.isfinite(value) and math.isfinite(gn):
+            self.last_finite = (self.global_step, value)
+            return True
+        what = f"loss ({value})" if not math.isfinite(value) else f"gradient norm ({gn})"
+        if self.cfg.on_nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped = (*self.skipped, self.global_step)
+            self.scheduler.step()
+            self.global_step += 1
+            logs.update(loss=value, lr=self.scheduler.get_last_lr()[0], skipped=1.0)
+            return False
+        last = ("no finite loss before it" if self.last_finite is None
+                else f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}")
+        raise NonFiniteError(
+            f"non-finite {what} at step {self.global_step}; {last}; nothing was saved "
+            "(lower lr, or set on_nonfinite=skip to skip such steps)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the engine: trainable weights (CPU copies) with their fp32 masters or
+        sparse entries, optimizer, schedule, step."""
+        cpu = lambda t: t.detach().to("cpu", copy=True).contiguous()  # noqa: E731
+        model = {n: cpu(p) for n, p in self.trainable_parameters().items()}
+        names = {p: n for n, p in self.model.named_parameters()}
+        model |= {f"{MASTER}{names[p]}": cpu(m) for p, m in self.masters.master.items()}
+        if self.sparse is not None:
+            model |= {f"{SPARSE}{names[e.weight]}": cpu(e.master) for e in self.sparse.entries}
+        return {
+            "model": model,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_step": self.global_step,
+            "skipped": list(self.skipped),
+            "last_finite": list(self.last_finite) if self.last_finite else None,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        params = self.trainable_parameters()
+        want = self.state_dict()["model"].keys()
+        if set(d["model"]) != set(want):
+            extra = sorted(set(d["model"]) ^ set(want))
+            raise ModelError(f"checkpoint trains other parameters than this run, e.g. {extra[0]!r}")
+        names = {p: n for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(d["model"][n].to(p.device, p.dtype))
+            for p, m in self.masters.master.items():
+                m.copy_(d["model"][MASTER + names[p]].to(m.device))
+            for e in self.sparse.entries if self.sparse is not None else ():
+                e.master.copy_(d["model"][SPARSE + names[e.weight]].to(e.master.device))
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.scheduler.load_state_dict(d["scheduler"])
+        self.global_step = int(d["global_step"])
+        self.skipped = tuple(int(i) for i in d.get("skipped", ()))
+        last = d.get("last_finite")
+        self.last_finite = (int(last[0]), float(last[1])) if last else None

@@ -5,19 +5,22 @@ tower and projector learn to tell the training identities apart (a linear identi
 token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder.
 Then every training example (VQA, text QA, utility) goes through the one engine; text-only and utility
 examples are repeated ``oversample_text`` times because each person has far more VQA pairs than text pairs.
+With a ``Checkpointer`` the run saves every ``save_every`` steps and on SIGTERM / Ctrl-C, and continues from
+its latest checkpoint (the warm-up is not repeated: what it changed outside the engine is in the checkpoint).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmunlearn.checkpoint import Checkpointer
 from mmunlearn.data.batches import BatchStream, ImageCache
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
@@ -43,17 +46,21 @@ class FinetuneConfig:
     vision_warmup_batch: int = 64
     seed: int = 0
     log_every: int = 50
-    save_every: int = 0  # > 0: a checkpoint directory every N steps under <out>/checkpoints/
+    save_every: int = 200  # a resumable checkpoint every N steps (0 = only on SIGTERM / Ctrl-C)
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" (nothing saved) or "skip" the step
 
     def __post_init__(self) -> None:
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
             warmup_steps=self.warmup_steps, max_steps=self.steps, trainable=self.trainable, lora=self.lora,
+            on_nonfinite=self.on_nonfinite,
         )
 
 
@@ -123,26 +130,48 @@ def ce_loss(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def finetune(
     adapter: ModelAdapter, bench: Benchmark, cfg: FinetuneConfig, progress: bool = True,
-    checkpoint: Callable[[int], None] | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> dict:
-    """Train in place; returns a log (times, losses) for the run record. ``checkpoint(step)`` saves one."""
+    """Train in place; returns a log (times, losses) for the run record.
+
+    With ``checkpoints``, training continues from its latest checkpoint (if any) and saves new ones.
+    """
     t0 = time.time()
     examples = training_examples(bench, cfg.oversample_text)
-    warm_loss = vision_warmup(adapter, bench, examples, cfg, progress)
+    resuming = checkpoints is not None and checkpoints.latest() is not None
+    warm_loss = math.nan if resuming else vision_warmup(adapter, bench, examples, cfg, progress)
     t_warm = time.time() - t0
     engine = Engine(adapter, cfg.optim(), seed=cfg.seed)
     stream = BatchStream(adapter, examples, ImageCache(bench), cfg.batch_size, seed=cfg.seed)
-    history = []
-    bar = tqdm(range(cfg.steps), desc="fine-tune", disable=not progress)
-    for step in bar:
-        logs = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": logs["loss"]})
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        if checkpoint is not None and cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
-            checkpoint(step + 1)
+    # the warm-up moved vision and projector weights the engine may not train: checkpoints carry them too
+    warmed = {} if cfg.vision_warmup_steps <= 0 else {
+        engine.base_name(n): p for n, p in engine.model.named_parameters()
+        if not p.requires_grad and adapter.group_of(engine.base_name(n)) in ("vision", "projector")
+    }
+    history, start = [], 0
+    ck = checkpoints.load() if resuming else None  # also restores the random generators
+    if ck is not None:
+        with torch.no_grad():
+            for name, p in warmed.items():
+                p.copy_(ck.tensors[name].to(p.device, p.dtype))
+        engine.load_state_dict(ck.engine)
+        stream.load_state_dict(ck.state["streams"]["train"])
+        history, start, warm_loss = ck.state["history"], ck.step, ck.state["vision_warmup_loss"]
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="fine-tune", disable=not progress)
+    with checkpoints.signals() if checkpoints is not None else nullcontext():
+        for step in bar:
+            logs = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                history.append({"step": step, "loss": logs["loss"] if math.isfinite(logs["loss"]) else None})
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            if checkpoints is not None and checkpoints.due(step + 1, cfg.steps):
+                state = {"streams": {"train": stream.state_dict()}, "history": history,
+                         "vision_warmup_loss": warm_loss}
+                checkpoints.save(step + 1, engine.state_dict(), state, tensors=warmed)
+                checkpoints.stop_if_requested(step + 1, cfg.steps)
     adapter.model.eval()
     return {
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
         "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
+        "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
     }

@@ -9,9 +9,13 @@ fresh output directory built atomically:
 * ``mmunlearn_run.json``: the exact, fully resolved configuration, the forget entities, per-step losses,
   optional in-training evaluations and timings; ``unlearn_config.yaml``: the same configuration, reusable
   with ``--config``;
-* the method's artefacts (SIU: ``siu_data.json``; MMUnlearner: ``masks.safetensors``, ``mask_stats.json``).
+* the method's artefacts (SIU: ``siu_data.json``; MMUnlearner: ``masks.safetensors``, ``mask_stats.json``);
+* ``manifest.json``: hashes of the inputs and outputs, versions and hardware (``mmunlearn.manifest``).
 
-The base model directory is never written to (it is protected as an output path and only ever read).
+Everything the run reads is validated before the model is loaded (``mmunlearn.validate``). A checkpoint is
+kept every ``save_every`` steps and on SIGTERM / Ctrl-C; ``resume=True`` continues an interrupted run from
+it (``mmunlearn.checkpoint``). The base model directory is never written to (it is protected as an output
+path and only ever read).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from mmunlearn import config as C
+from mmunlearn import manifest as M
+from mmunlearn import validate as V
+from mmunlearn.checkpoint import Checkpointer
 from mmunlearn.data.batches import BatchStream, ImageCache, to_items
 from mmunlearn.data.schema import KINDS, Benchmark, Example
 from mmunlearn.errors import ConfigError
@@ -35,8 +43,9 @@ from mmunlearn.eval import metrics
 from mmunlearn.eval.scoring import rank_options
 from mmunlearn.methods import METHODS, Batches, Context, Method
 from mmunlearn.methods import reference as R
+from mmunlearn.methods.base import Step
 from mmunlearn.models.base import ModelAdapter
-from mmunlearn.outputs import atomic_dir, write_json
+from mmunlearn.outputs import atomic_dir, check_output_dir, write_json
 from mmunlearn.train import recipes
 from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
 
@@ -61,6 +70,9 @@ class UnlearnConfig:
         ("vqa", "qa"); entity visual unlearning forgets VQA only.
     eval_every: every N steps, log multiple-choice accuracy on forget/retain VQA/QA (0 = never).
     merge: export merged weights (default) or, with LoRA, a PEFT adapter directory.
+    save_every: a resumable checkpoint every N steps (0 = only on SIGTERM / Ctrl-C).
+    on_nonfinite: a NaN/inf loss or gradient norm ``stop``s the run (nothing is saved) or ``skip``s the step
+        (counted in the run record as ``skipped_steps``).
     method_options: the method's own options (validated by its ``Options`` dataclass).
     recipe: ``auto`` (the tuned tiny-model settings below 100M parameters, the papers' settings for real
         checkpoints; ``train/recipes.py``), ``tiny`` or ``paper``: fills the fields left unset.
@@ -92,6 +104,8 @@ class UnlearnConfig:
     seed: int = 0
     eval_every: int = 0
     merge: bool = True
+    save_every: int = 50
+    on_nonfinite: str = "stop"
     method_options: dict[str, Any] = field(default_factory=dict)
     recipe: str = "auto"
     full_parameter: bool | None = None
@@ -115,8 +129,10 @@ class UnlearnConfig:
                 raise ConfigError(f"{name} must name some of {KINDS}, got {kinds}")
         if self.forget_set is None and not self.entities:
             raise ConfigError("set forget_set (a forget set of the benchmark) or entities (a list of entity ids)")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError(f"eval_every and save_every must be >= 0, got {self.eval_every}, {self.save_every}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.recipe not in recipes.NAMES:
             raise ConfigError(f"unknown recipe {self.recipe!r}; choose from {', '.join(recipes.NAMES)}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
@@ -196,9 +212,13 @@ def training_data(bench: Benchmark, forget: list[str], cfg: UnlearnConfig) -> tu
 
 
 def unlearn(
-    adapter: ModelAdapter, bench: Benchmark, cfg: UnlearnConfig, out_dir: Path, progress: bool = True
+    adapter: ModelAdapter, bench: Benchmark, cfg: UnlearnConfig, out_dir: Path, progress: bool = True,
+    checkpoints: Checkpointer | None = None,
 ) -> dict:
-    """Unlearn in place (``adapter.model`` becomes the trained model); artefacts go to ``out_dir``."""
+    """Unlearn in place (``adapter.model`` becomes the trained model); artefacts go to ``out_dir``.
+
+    With ``checkpoints``, training continues from its latest checkpoint (if any) and saves new ones.
+    """
     which = recipes.choose(cfg.recipe, adapter)
     cfg = cfg.resolved(recipes.recipe(cfg.method, METHODS.get(cfg.method).defaults, which, adapter))
     method = build_method(cfg)
@@ -210,7 +230,8 @@ def unlearn(
     f_data, r_data = training_data(bench, forget, cfg)
     ctx = Context(adapter=adapter, bench=bench, forget_entities=forget, forget_data=f_data, retain_data=r_data,
                   images=images, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=Path(out_dir),
-                  lora=cfg.lora is not None, progress=progress)
+                  lora=cfg.lora is not None, progress=progress,
+                  resume=checkpoints is not None and checkpoints.latest() is not None)
     if method.reference == "logits" and cfg.lora is None:
         ctx.reference = R.frozen_copy(adapter)
     method.prepare(ctx)
@@ -231,28 +252,37 @@ def unlearn(
         lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
         warmup_steps=warmup, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
         lora=cfg.lora, mask_mode=method.mask_mode(), gradient_checkpointing=cfg.gradient_checkpointing,
+        on_nonfinite=cfg.on_nonfinite,
     ), seed=cfg.seed, trainable_masks=method.trainable_masks(ctx))
     ctx.engine = engine
     if method.reference == "logits" and cfg.lora is not None:
         ctx.reference = R.adapters_disabled(adapter)
-    history, evals = [], []
-    bar = tqdm(plan, desc=f"unlearn ({cfg.method})", disable=not progress)
-    for i, step in enumerate(bar):
-        b = Batches()
-        if step.forget:
-            b.forget_examples = f_stream.next_examples()
-            b.forget = adapter.encode(to_items(b.forget_examples, ctx.images))
-        if step.retain:
-            b.retain_examples = r_stream.next_examples()
-            b.retain = adapter.encode(to_items(b.retain_examples, images))
-        mask = method.step_mask(ctx, step) if step.masked else None
-        logs = engine.step(lambda b=b: method.loss(ctx, b), mask)
-        kind = "joint" if step.forget and step.retain else ("forget" if step.forget else "retain")
-        history.append({"step": i, "kind": kind, **{k: round(v, 5) for k, v in logs.items()}})
-        bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == len(plan) - 1):
-            evals.append({"step": i + 1, **quick_eval(adapter, bench, forget, images)})
-            adapter.model.train()
+    streams = {"forget": f_stream, **({"retain": r_stream} if r_stream is not None else {})}
+    history, evals, start = [], [], 0
+    ck = checkpoints.load() if checkpoints is not None else None  # also restores the random generators
+    if ck is not None:
+        engine.load_state_dict(ck.engine)
+        for name, stream in streams.items():
+            stream.load_state_dict(ck.state["streams"][name])
+        history, evals, start = ck.state["history"], ck.state["evals"], ck.step
+    bar = tqdm(range(start, len(plan)), initial=start, total=len(plan), desc=f"unlearn ({cfg.method})",
+               disable=not progress)
+    with checkpoints.signals() if checkpoints is not None else nullcontext():
+        for i in bar:
+            step = plan[i]
+            logs = _unlearn_step(ctx, method, engine, step, streams, images)
+            kind = "joint" if step.forget and step.retain else ("forget" if step.forget else "retain")
+            history.append({"step": i, "kind": kind, **rounded(logs)})
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == len(plan) - 1):
+                evals.append({"step": i + 1, **quick_eval(adapter, bench, forget, images)})
+                adapter.model.train()
+            if checkpoints is not None and checkpoints.due(i + 1, len(plan)):
+                state = {"streams": {k: v.state_dict() for k, v in streams.items()}, "history": history,
+                         "evals": evals}
+                checkpoints.save(i + 1, engine.state_dict(), state)
+                checkpoints.stop_if_requested(i + 1, len(plan))
+    V.check_finite_weights(engine.trainable_parameters())
     adapter.model.eval()
     return {
         "mode": "paper_exact" if cfg.paper_exact else "default",
@@ -261,6 +291,7 @@ def unlearn(
         "gradient_checkpointing": engine.gradient_checkpointing,
         "trainable_entries": engine.sparse.selected() if engine.sparse is not None else None,
         "steps": len(plan), "forget_examples": len(ctx.forget_data), "retain_examples": len(ctx.retain_data),
+        "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
         "seconds": {"prepare": round(t_prep, 2), "total": round(time.time() - t0, 2)},
         "history": history, "evals": evals, "artefacts": dict(ctx.artefacts),
     }
@@ -271,6 +302,26 @@ def encoded_batches(adapter: ModelAdapter, examples: list[Example], images: Imag
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
         yield chunk, adapter.encode(to_items(chunk, images))
+
+
+def rounded(logs: dict[str, float]) -> dict[str, float | None]:
+    """Logged numbers to 5 decimals; NaN/inf (a skipped step) as None, which JSON can hold."""
+    return {k: round(v, 5) if math.isfinite(v) else None for k, v in logs.items()}
+
+
+def _unlearn_step(ctx: Context, method: Method, engine: Engine, step: Step, streams: dict[str, BatchStream],
+                  images: ImageCache) -> dict[str, float]:
+    """One planned step: draw its forget and/or retain batch, then one engine step (masked if planned)."""
+    adapter = ctx.adapter
+    b = Batches()
+    if step.forget:
+        b.forget_examples = streams["forget"].next_examples()
+        b.forget = adapter.encode(to_items(b.forget_examples, ctx.images))
+    if step.retain:
+        b.retain_examples = streams["retain"].next_examples()
+        b.retain = adapter.encode(to_items(b.retain_examples, images))
+    mask = method.step_mask(ctx, step) if step.masked else None
+    return engine.step(lambda: method.loss(ctx, b), mask)
 
 
 @torch.no_grad()
@@ -290,22 +341,52 @@ def quick_eval(adapter: ModelAdapter, bench: Benchmark, forget: list[str], image
 
 def run_unlearn(
     data: str, model: str, out: str, cfg: UnlearnConfig, overwrite: bool = False, progress: bool = True,
-    family: str | None = None, dtype: str = "auto",
+    family: str | None = None, resume: bool = False, dtype: str = "auto",
 ) -> dict:
-    """Unlearn ``model`` (the vanilla model directory) on benchmark ``data``; write everything to ``out``."""
+    """Unlearn ``model`` (the vanilla model directory) on benchmark ``data``; write everything to ``out``.
+
+    Inputs are validated before the model is loaded; ``resume`` continues an interrupted run into ``out``.
+    """
     from mmunlearn import commands as cmd  # commands imports the training modules
 
-    bench = Benchmark.load(data)
-    forget_entities(bench, cfg)  # fail early on an unknown forget set or entity
-    protect = (model,) if Path(model).is_dir() else ()
-    with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
+    t0 = time.time()
+    resolved = cfg.resolved()
+    bench = validate_unlearn(data, model, out, resolved, family, overwrite)
+    protect = tuple(p for p in (model, data) if Path(p).is_dir())
+    inputs = M.inputs(data, model)
+    fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
+                   "inputs": inputs}
+    with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
+        checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint)
+        checkpoints.check()  # a checkpoint of another run is refused before the model is loaded
         adapter = cmd.open_model(model, bench, family, dtype)
-        log = unlearn(adapter, bench, cfg, tmp, progress=progress)
+        log = unlearn(adapter, bench, cfg, tmp, progress=progress, checkpoints=checkpoints)
         cmd.export(adapter, tmp, merge=cfg.merge)
         record = {"command": "unlearn", "method": cfg.method, "data": str(Path(data).resolve()), "base_model": model,
                   "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   **log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(tmp / cmd.RUN_FILE, record)
-        resolved = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        resolved_dict = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_dict, sort_keys=False))
+        M.write_manifest(tmp, "unlearn", resolved_dict, cfg.seed, inputs, t0)
     return record
+
+
+def resume_relevant(config: dict) -> dict:
+    """The options a resumed run must share with the interrupted one (how often it saves may change)."""
+    return {k: v for k, v in config.items() if k != "save_every"}
+
+
+def validate_unlearn(data: str, model: str, out: str, cfg: UnlearnConfig, family: str | None,
+                     overwrite: bool) -> Benchmark:
+    """Everything an unlearning run reads, checked before a model is loaded (``cfg`` resolved)."""
+    bench, hashes = V.check_data(data)
+    forget, where = V.forget_source(bench, cfg.forget_set, cfg.entities)
+    V.check_forget(bench, forget, hashes, where)
+    _, retain = training_data(bench, forget, cfg)
+    if METHODS.get(cfg.method).uses_retain and not retain:
+        raise ConfigError(f"method {cfg.method!r} needs retain data but the retain set has no examples of "
+                          f"kinds {cfg.retain_kinds}")
+    V.check_model(model, family)
+    check_output_dir(out, overwrite, tuple(p for p in (model, data) if Path(p).is_dir()))
+    return bench
