@@ -25,6 +25,7 @@ from mmunlearn.train.masks import PackedMask
 
 LINEAR_KEYS = ("proj", "fc", "linear", "mlp", "qkv")
 GAMMA, EPS = 1.0, 1e-15
+PACKED = "packed-bits shapes"  # metadata key of mask files at 1 bit per entry
 
 
 def maskable(name: str, p: torch.Tensor) -> bool:
@@ -130,8 +131,9 @@ def save_masks(masks: dict[str, PackedMask], path: str | Path) -> None:
     """1 bit per entry: each mask's packed bytes, with the shapes in the file's metadata."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     shapes = {n: list(m.shape) for n, m in masks.items()}
+    # one metadata key: safetensors writes several in a random order, and identical runs must write identical files
     save_file({n: m.bits.cpu().contiguous() for n, m in masks.items()}, str(path),
-              metadata={"format": "packed-bits", "shapes": json.dumps(shapes)})
+              metadata={PACKED: json.dumps(shapes, sort_keys=True)})
 
 
 def load_masks(path: str | Path) -> dict[str, PackedMask]:
@@ -145,7 +147,7 @@ def load_masks(path: str | Path) -> dict[str, PackedMask]:
             tensors = {n: f.get_tensor(n) for n in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a corrupt file
         raise ConfigError(f"{p}: not a mask file ({e})") from e
-    if meta.get("format") != "packed-bits":
+    if PACKED not in meta:
         return {n: PackedMask.pack(t.bool()) for n, t in tensors.items()}
-    shapes = json.loads(meta["shapes"])
+    shapes = json.loads(meta[PACKED])
     return {n: PackedMask(t, tuple(shapes[n])) for n, t in tensors.items()}
