@@ -5,6 +5,9 @@ tower and projector learn to tell the training identities apart (a linear identi
 token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder.
 Then every training example (VQA, text QA, utility) goes through the one engine; text-only and utility
 examples are repeated ``oversample_text`` times because each person has far more VQA pairs than text pairs.
+
+With ``exclude_forget`` the same recipe (steps, seed, schedule) runs without a forget set's training examples:
+the retrained *oracle* that verification compares an unlearned model with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmunlearn.data.batches import BatchStream, ImageCache
-from mmunlearn.data.schema import Benchmark, Example
+from mmunlearn.data.schema import KINDS, Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
@@ -43,11 +46,17 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 50
     save_every: int = 0  # > 0: a checkpoint directory every N steps under <out>/checkpoints/
+    # the oracle ("never saw them"): the same recipe and seed without the training examples of these
+    # entities (a forget-set name or a list of entity ids), of the kinds in exclude_kinds
+    exclude_forget: str | list[str] | None = None
+    exclude_kinds: tuple[str, ...] = ("vqa", "qa")
 
     def __post_init__(self) -> None:
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
+        if not self.exclude_kinds or any(k not in KINDS for k in self.exclude_kinds):
+            raise ConfigError(f"exclude_kinds must name some of {KINDS}, got {self.exclude_kinds}")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(
@@ -56,8 +65,27 @@ class FinetuneConfig:
         )
 
 
-def training_examples(bench: Benchmark, oversample_text: int = 1) -> list[Example]:
-    train = [e for e in bench.examples if e.purpose == "train"]
+def excluded_entities(bench: Benchmark, exclude: str | list[str] | None) -> set[str]:
+    """The entities an oracle run leaves out: a forget set by name, or explicit entity ids (checked)."""
+    if exclude is None:
+        return set()
+    if isinstance(exclude, str):
+        return bench.forget_set(exclude)
+    known = {e.entity for e in bench.examples}
+    bad = sorted(set(exclude) - known)
+    if bad:
+        raise ConfigError(f"exclude_forget: entities {bad} are not in the benchmark {bench.root}")
+    return set(exclude)
+
+
+def training_examples(
+    bench: Benchmark, oversample_text: int = 1, exclude: set[str] | None = None, exclude_kinds: tuple[str, ...] = KINDS,
+) -> list[Example]:
+    """Every training example, text and utility ones repeated; ``exclude`` drops those entities' examples of
+    ``exclude_kinds`` (the oracle's recipe)."""
+    exclude = exclude or set()
+    train = [e for e in bench.examples
+             if e.purpose == "train" and not (e.entity in exclude and e.kind in exclude_kinds)]
     extra = [e for e in train if e.kind == "qa" or e.split == "utility"]
     return train + extra * max(0, oversample_text - 1)
 
@@ -127,7 +155,8 @@ def finetune(
 ) -> dict:
     """Train in place; returns a log (times, losses) for the run record. ``checkpoint(step)`` saves one."""
     t0 = time.time()
-    examples = training_examples(bench, cfg.oversample_text)
+    excluded = excluded_entities(bench, cfg.exclude_forget)
+    examples = training_examples(bench, cfg.oversample_text, excluded, cfg.exclude_kinds)
     warm_loss = vision_warmup(adapter, bench, examples, cfg, progress)
     t_warm = time.time() - t0
     engine = Engine(adapter, cfg.optim(), seed=cfg.seed)
@@ -145,4 +174,5 @@ def finetune(
     return {
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
         "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
+        "excluded_entities": sorted(excluded),
     }
