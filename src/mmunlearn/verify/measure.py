@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import KINDS, Benchmark
+from mmunlearn.errors import DataError
 from mmunlearn.verify import attacks
 from mmunlearn.verify.forget_quality import score_questions
 from mmunlearn.verify.mia import mia_aucs
@@ -39,12 +40,15 @@ def measure(adapter, bench: Benchmark, forget: Sequence[str], cfg: VerifyConfig)
     seconds["mc"] = time.time() - t
 
     t = time.time()
-    data, measured = attacks.relearn_split(bench, forget, cfg.kind)
-    before = score_questions(adapter, measured, images, cfg.batch_size)["acc"]
-    rel = {"n": len(measured), "train_examples": len(data), "before": before,
-           "taught": sorted({e.qtype for e in data}), "measured": sorted({e.qtype for e in measured}),
-           "settings": {}}
-    for s in cfg.relearn:
+    try:
+        data, measured = attacks.relearn_split(bench, forget, cfg.kind)
+    except DataError as e:  # e.g. a benchmark with one question type and one forget entity
+        data, measured, out["relearn"] = [], [], {"skipped": str(e), "settings": {}}
+    rel = out.get("relearn") or {
+        "n": len(measured), "train_examples": len(data),
+        "before": score_questions(adapter, measured, images, cfg.batch_size)["acc"],
+        "taught": sorted({e.qtype for e in data}), "measured": sorted({e.qtype for e in measured}), "settings": {}}
+    for s in cfg.relearn if data else ():
         attacked, steps = attacks.relearned_copy(adapter, bench, data, s, cfg.seed)
         rel["settings"][s.name] = {"after": score_questions(attacked, measured, images, cfg.batch_size)["acc"],
                                    "steps": steps, "lr": s.lr, "lora_r": s.lora_r, "epochs": s.epochs}
