@@ -53,8 +53,9 @@ def test_report_files_and_content(tmp_path, results):
     md = paths["markdown"].read_text()
     for name in ("vanilla", "grad_ascent", "npo"):
         assert name in md
-    for header in ("forget VQA MC ↓", "forget QA MC ↓", "retain VQA MC ↑", "retain QA MC ↑", "test VQA MC ↓",
-                   "utility VQA MC ↑", "name forget ↓", "ROUGE-L forget ↓", "## Comparison", "## Relative to vanilla",
+    for header in ("forget VQA MC ≈oracle", "forget QA MC ↑", "retain VQA MC ↑", "retain QA MC ↑",
+                   "test VQA MC ≈oracle", "utility VQA MC ↑", "name forget ≈oracle", "ROUGE-L forget QA ↑",
+                   "## Comparison", "## Relative to vanilla",
                    "## Example generations", "## Training curves", "## Timings", "# Unlearning report"):
         assert header in md, header
     assert "test QA" not in md  # NaN for every model: no column
@@ -136,3 +137,32 @@ def test_errors(tmp_path):
         load_results([str(bad)])
     with pytest.raises(ConfigError, match="no results files"):
         load_results([])
+
+
+def _verification(fq: float, relearn: float | None, q4: float | None, auc: float, leak: float | None) -> dict:
+    return {"verdict": "hidden", "checks": [], "summary": {
+        "forget_quality": {"vqa": fq, "qa": 0.9}, "oracle_gap": {"vqa": {"forget": 20.0, "test": 10.0}},
+        "relearn": {"full": {"recovery": relearn}}, "quant": {"int8": {"recovery": 0.0}, "int4": {"recovery": q4},
+                                                              "nf4": {"skipped": "bitsandbytes is not installed"}},
+        "mia_auc": {"loss": auc, "min_k_pp_20": auc}, "privleak": {"loss": leak, "min_k_pp_20": leak},
+        "probes": {"crop": {"acc": 50.0, "reference": 25.0, "gap": 25.0}}}}
+
+
+def test_report_verification_section(tmp_path, results):
+    results["models"]["oracle"] = {**model("oracle", 25.0, 90.0, "I do not know."),
+                                   "verification": _verification(1.0, 0.1, 0.0, 0.5, 0.0)}
+    results["models"]["grad_ascent"]["verification"] = _verification(0.001, 0.85, 0.4, 0.3, -40.0)
+    paths = write_report(results, tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    assert "## Verification: forgotten or hidden?" in md
+    table = md.split("## Verification: forgotten or hidden?")[1]
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    for part in ("forget quality VQA", "forget quality QA", "relearn recovery (full)", "quant int8 recovery",
+                 "quant int4 recovery", "privleak"):
+        assert part in header, part
+    assert "nf4" not in header  # skipped everywhere: no column
+    assert "| oracle | 1.000 | 0.900 | 20.0 | 0.10 | 0.00 | 0.00 | 0.500 | 0.0 | hidden |" in table
+    assert "| grad_ascent | 0.001 | 0.900 | 20.0 | 0.85 | 0.00 | 0.40 | 0.300 | -40.0 | hidden |" in table
+    assert "| vanilla |" not in table.split("### Membership")[0]  # no verification: no row
+    assert "(recovery.png)" in md and paths["recovery"].is_file()
+    assert "crop MC ≈oracle" in md

@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from mmunlearn import config as C
-from mmunlearn.errors import MMUError, RunInterrupted
+from mmunlearn.errors import ConfigError, MMUError, RunInterrupted
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     _dtype(p)
     _resume(p)
+    p.add_argument("--verify", action="store_true",
+                   help="then verify the unlearned model against --model (and --oracle): verification.json/.md")
+    p.add_argument("--oracle", help="with --verify: a model trained without the forget data (finetune "
+                   "--set exclude_forget=...)")
+    _common(p)
+
+    p = sub.add_parser("verify", help="did it really forget? attacks, forget quality, MIA, probes and a verdict")
+    p.add_argument("model", help="the unlearned model directory")
+    p.add_argument("--data", required=True, help="benchmark directory")
+    p.add_argument("--reference", required=True, help="the vanilla model it was unlearned from")
+    p.add_argument("--oracle", help="a model trained without the forget data (finetune --set exclude_forget=...)")
+    p.add_argument("--out", help="directory for verification.json and verification.md (default: the model's)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="score a model on every split")
@@ -120,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
 
         base = {"method": args.method} if args.method else {}
         cfg = C.load(UnlearnConfig, args.config, args.set, base=base)
+        if args.oracle and not args.verify:
+            raise ConfigError("--oracle is used by --verify; add --verify")
         rec = run_unlearn(args.data, args.model, args.out, cfg, args.overwrite, progress, args.family,
                           dtype=args.dtype, resume=args.resume)
         c = rec["config"]
@@ -127,6 +141,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"recipe: {rec['recipe']} ({how}, lr {c['lr']}, batch {c['batch_size']}, "
               + (f"{c['steps']} steps" if c.get("steps") else f"{c['epochs']} epochs") + ")")
         print(f"wrote {args.out} ({cfg.method}, {rec['seconds']['total']} s)")
+        if args.verify:
+            from mmunlearn.verify.options import VerifyConfig
+
+            vcfg = VerifyConfig(entities=rec["forget_entities"])
+            res = cmd.run_verify(args.out, args.data, args.model, args.oracle, vcfg)
+            print(f"verdict: {res['verdict']} ({res['files']['markdown']})")
+    elif args.command == "verify":
+        from mmunlearn.verify.options import VerifyConfig
+
+        vcfg = C.load(VerifyConfig, args.config, args.set)
+        res = cmd.run_verify(args.model, args.data, args.reference, args.oracle, vcfg, args.out)
+        print(open(res["files"]["markdown"]).read(), end="")
+        print(f"wrote {res['files']['json']}")
     elif args.command == "evaluate":
         from mmunlearn.eval.runner import EvalConfig
 

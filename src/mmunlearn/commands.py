@@ -164,3 +164,52 @@ def results_markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
+def verify_forget_entities(bench: Benchmark, model: str, cfg) -> list[str]:
+    """The entities a verification is about: given ones, a named forget set, or the model's unlearning record."""
+    if cfg.entities:
+        return sorted(set(cfg.entities))
+    if cfg.forget_set:
+        return sorted(bench.forget_set(cfg.forget_set))
+    record = Path(model) / RUN_FILE
+    if record.is_file():
+        from mmunlearn.outputs import read_json_object
+
+        ents = read_json_object(record, what="run record").get("forget_entities")
+        if ents:
+            return sorted(ents)
+    raise ConfigError(f"{model}: no unlearning run record names its forget entities; pass "
+                      "--set forget_set=NAME (or entities=[...])")
+
+
+def run_verify(model: str, data: str, reference: str, oracle: str | None, cfg, out: str | None = None,
+               measured: dict[str, dict] | None = None) -> dict:
+    """Measure ``model``, the vanilla ``reference`` and the ``oracle`` (if any), compare, and write
+    ``verification.json`` and ``verification.md`` into ``out`` (default: the model directory).
+
+    ``measured`` maps model paths to measurements already taken (the demo measures vanilla and oracle once);
+    new ones are added to it.
+    """
+    from mmunlearn.verify.measure import measure
+    from mmunlearn.verify.verdict import compare, write
+
+    bench = Benchmark.load(data)
+    for what, path in (("model", model), ("reference", reference), ("oracle", oracle)):
+        if path is not None and not Path(path).is_dir():
+            raise ModelError(f"{what} model directory does not exist: {path}")
+    forget = verify_forget_entities(bench, model, cfg)
+    measured = {} if measured is None else measured
+    t0 = time.time()
+    for path in (model, reference, oracle):
+        if path is not None and path not in measured:
+            measured[path] = measure(open_model(path, bench), bench, forget, cfg)
+    result = {"model": model, "reference": reference, "oracle": oracle, "data": str(Path(data).resolve()),
+              "forget_entities": forget, "config": C.to_dict(cfg),
+              **compare(measured[model], measured[reference], measured[oracle] if oracle else None, cfg.thresholds,
+                        cfg.kind, cfg.min_gap),
+              "measurements": {"model": measured[model], "reference": measured[reference],
+                               "oracle": measured[oracle] if oracle else None},
+              "seconds": round(time.time() - t0, 1)}
+    result["files"] = {k: str(v) for k, v in write(result, out or model).items()}
+    return result

@@ -16,12 +16,14 @@ def default_cache_dir() -> Path:
 
 
 def fingerprint(path: str | Path) -> str:
-    """Identity of a model or data directory: names, sizes and modification times of its files."""
+    """Identity of a model or data directory: names, sizes and modification times of its files (the
+    verification files written beside a model do not change what it is)."""
     p = Path(path)
     if not p.exists():
         return f"missing:{p}"
     h = hashlib.sha256(str(p.resolve()).encode())
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and ".cache" not in f.parts)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and ".cache" not in f.parts
+                                           and f.name not in ("verification.json", "verification.md"))
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(p) if f != p else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -202,18 +202,30 @@ def _masked_perplexity(
     return metrics.perplexity(kept) if kept else None
 
 
-def _mia(adapter: ModelAdapter, bench: Benchmark, forget: Sequence[str], images: ImageCache,
-         batch_size: int, seed: int, limit: int | None = None) -> float | None:
-    """Min-K% AUC: the forget set's training answers (members) vs the same questions answered for a person
-    who does not exist (never seen: an unseen name and shuffled attributes)."""
+def mia_items(bench: Benchmark, forget: Sequence[str], seed: int = 0,
+              limit: int | None = None) -> tuple[list[Item], list[Item]] | None:
+    """Members and non-members for membership inference: the forget set's training answers (members) vs the
+    same questions answered for a person who does not exist (never seen: an unseen name and shuffled
+    attributes). None when the benchmark has no such examples or no unseen names."""
     members = [e for e in bench.select("forget", forget, purpose="train") if e.kind == "vqa"][:limit]
     pool = list(bench.info.get("unseen_names", []))
     if not members or not pool:
         return None
+    images = ImageCache(bench)
     rng = random.Random(seed)
     answers = [e.answer for e in bench.examples if e.purpose == "train" and e.split == "people"]
     fake = {e.qtype: (rng.choice(pool) if e.qtype == "identity" else rng.choice(answers)) for e in members}
     member_items = [Item(e.prompt, e.answer, images.get(e)) for e in members]
     non_items = [Item(e.prompt, fake[e.qtype], images.get(e)) for e in members]
+    return member_items, non_items
+
+
+def _mia(adapter: ModelAdapter, bench: Benchmark, forget: Sequence[str], images: ImageCache,
+         batch_size: int, seed: int, limit: int | None = None) -> float | None:
+    """Min-K% (K = 40 %) AUC of ``mia_items``' members vs non-members."""
+    pairs = mia_items(bench, forget, seed, limit)
+    if pairs is None:
+        return None
+    member_items, non_items = pairs
     score = [metrics.min_k_percent(lp, 0.4) for lp in answer_logprobs(adapter, member_items + non_items, batch_size)]
-    return metrics.mia_auc(score[: len(members)], score[len(members) :])
+    return metrics.mia_auc(score[: len(member_items)], score[len(member_items) :])

@@ -202,10 +202,50 @@ def min_k_percent(token_logprobs: ArrayLike, k: float = 0.4) -> float:
     return float(np.sort(arr)[:count].mean())
 
 
+def loss_score(token_logprobs: ArrayLike) -> float:
+    """LOSS attack score (Yeom et al. 2018): -mean token NLL = the mean of the token log-probs.
+
+    Higher = more member-like (the model fits the text better). Empty input -> DataError.
+    """
+    return float(_as_float_array(token_logprobs, "token_logprobs").mean())
+
+
+def zlib_score(token_logprobs: ArrayLike, text: str) -> float:
+    """zlib attack score (Carlini et al. 2021): -NLL_sum / len(zlib.compress(text as UTF-8)).
+
+    The text's log-likelihood relative to its zlib-compressed size in bytes (a reference for how surprising
+    the text is in itself). Higher = more member-like. Empty input -> DataError.
+    """
+    import zlib
+
+    total = float(_as_float_array(token_logprobs, "token_logprobs").sum())
+    return total / len(zlib.compress(text.encode("utf-8")))
+
+
+def min_k_plus_plus(token_logprobs: ArrayLike, mu: ArrayLike, sigma: ArrayLike, k: float = 0.2) -> float:
+    """Min-K%++ (Zhang et al. 2025): ``min_k_percent`` over the standardised scores (log p(x_t) - mu_t) / sigma_t.
+
+    mu_t and sigma_t are the mean and standard deviation of log p(.) under the model's own next-token
+    distribution at position t (so a token is scored by how it ranks among the model's likely choices). The
+    paper's default is k = 0.2. Higher = more member-like. Lengths must match; sigma_t = 0 (a one-hot
+    distribution) is treated as 1e-12 apart from a zero numerator.
+    """
+    lp = _as_float_array(token_logprobs, "token_logprobs").ravel()
+    m = _as_float_array(mu, "mu").ravel()
+    sd = _as_float_array(sigma, "sigma").ravel()
+    if not lp.size == m.size == sd.size:
+        raise DataError(f"token_logprobs, mu and sigma have {lp.size}, {m.size} and {sd.size} values; they must match")
+    if np.any(sd < 0):
+        raise DataError("sigma must be >= 0")
+    z = (lp - m) / np.maximum(sd, 1e-12)
+    return min_k_percent(z, k)
+
+
 def mia_auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
     """Membership-inference ROC-AUC: members (the forgotten data) are label 1, non-members label 0.
 
-    Scores must be "higher = more member-like", which holds for ``min_k_percent``. 1.0 = forgotten data is
+    Scores must be "higher = more member-like", which holds for ``min_k_percent``, ``min_k_plus_plus``,
+    ``loss_score`` and ``zlib_score``. 1.0 = forgotten data is
     still perfectly recognisable as seen, 0.5 = indistinguishable from unseen data (ideal unlearning);
     closer to 0.5 = more forgotten.
     """

@@ -7,6 +7,9 @@ Then every training example (VQA, text QA, utility) goes through the one engine;
 examples are repeated ``oversample_text`` times because each person has far more VQA pairs than text pairs.
 With a ``Checkpointer`` the run saves every ``save_every`` steps and on SIGTERM / Ctrl-C, and continues from
 its latest checkpoint (the warm-up is not repeated: what it changed outside the engine is in the checkpoint).
+
+With ``exclude_forget`` the same recipe (steps, seed, schedule) runs without a forget set's training examples:
+the retrained *oracle* that verification compares an unlearned model with.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmunlearn.checkpoint import Checkpointer
 from mmunlearn.data.batches import BatchStream, ImageCache
-from mmunlearn.data.schema import Benchmark, Example
+from mmunlearn.data.schema import KINDS, Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import answer_states as AS
 from mmunlearn.models.base import ModelAdapter
@@ -48,6 +51,10 @@ class FinetuneConfig:
     log_every: int = 50
     save_every: int = 200  # a resumable checkpoint every N steps (0 = only on SIGTERM / Ctrl-C)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" (nothing saved) or "skip" the step
+    # the oracle ("never saw them"): the same recipe and seed without the training examples of these
+    # entities (a forget-set name or a list of entity ids), of the kinds in exclude_kinds
+    exclude_forget: str | list[str] | None = None
+    exclude_kinds: tuple[str, ...] = ("vqa", "qa")
 
     def __post_init__(self) -> None:
         self.optim()  # validate groups, learning rate and steps before any work starts
@@ -55,6 +62,8 @@ class FinetuneConfig:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if not self.exclude_kinds or any(k not in KINDS for k in self.exclude_kinds):
+            raise ConfigError(f"exclude_kinds must name some of {KINDS}, got {self.exclude_kinds}")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(
@@ -64,8 +73,27 @@ class FinetuneConfig:
         )
 
 
-def training_examples(bench: Benchmark, oversample_text: int = 1) -> list[Example]:
-    train = [e for e in bench.examples if e.purpose == "train"]
+def excluded_entities(bench: Benchmark, exclude: str | list[str] | None) -> set[str]:
+    """The entities an oracle run leaves out: a forget set by name, or explicit entity ids (checked)."""
+    if exclude is None:
+        return set()
+    if isinstance(exclude, str):
+        return bench.forget_set(exclude)
+    known = {e.entity for e in bench.examples}
+    bad = sorted(set(exclude) - known)
+    if bad:
+        raise ConfigError(f"exclude_forget: entities {bad} are not in the benchmark {bench.root}")
+    return set(exclude)
+
+
+def training_examples(
+    bench: Benchmark, oversample_text: int = 1, exclude: set[str] | None = None, exclude_kinds: tuple[str, ...] = KINDS,
+) -> list[Example]:
+    """Every training example, text and utility ones repeated; ``exclude`` drops those entities' examples of
+    ``exclude_kinds`` (the oracle's recipe)."""
+    exclude = exclude or set()
+    train = [e for e in bench.examples
+             if e.purpose == "train" and not (e.entity in exclude and e.kind in exclude_kinds)]
     extra = [e for e in train if e.kind == "qa" or e.split == "utility"]
     return train + extra * max(0, oversample_text - 1)
 
@@ -137,7 +165,8 @@ def finetune(
     With ``checkpoints``, training continues from its latest checkpoint (if any) and saves new ones.
     """
     t0 = time.time()
-    examples = training_examples(bench, cfg.oversample_text)
+    excluded = excluded_entities(bench, cfg.exclude_forget)
+    examples = training_examples(bench, cfg.oversample_text, excluded, cfg.exclude_kinds)
     resuming = checkpoints is not None and checkpoints.latest() is not None
     warm_loss = math.nan if resuming else vision_warmup(adapter, bench, examples, cfg, progress)
     t_warm = time.time() - t0
@@ -174,4 +203,5 @@ def finetune(
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
         "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
         "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
+        "excluded_entities": sorted(excluded),
     }
