@@ -341,17 +341,20 @@ class Engine:
             "(lower lr, or set on_nonfinite=skip to skip such steps)"
         )
 
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The live tensors a checkpoint holds, by key: trainable weights, their fp32 masters, sparse entries."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        out: dict[str, torch.Tensor] = dict(self.trainable_parameters())
+        out |= {f"{MASTER}{names[p]}": m for p, m in self.masters.master.items()}
+        if self.sparse is not None:
+            out |= {f"{SPARSE}{names[e.weight]}": e.master for e in self.sparse.entries}
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs of the engine: trainable weights (CPU copies) with their fp32 masters or
         sparse entries, optimizer, schedule, step."""
-        cpu = lambda t: t.detach().to("cpu", copy=True).contiguous()  # noqa: E731
-        model = {n: cpu(p) for n, p in self.trainable_parameters().items()}
-        names = {p: n for n, p in self.model.named_parameters()}
-        model |= {f"{MASTER}{names[p]}": cpu(m) for p, m in self.masters.master.items()}
-        if self.sparse is not None:
-            model |= {f"{SPARSE}{names[e.weight]}": cpu(e.master) for e in self.sparse.entries}
         return {
-            "model": model,
+            "model": {k: t.detach().to("cpu", copy=True).contiguous() for k, t in self._weights().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "global_step": self.global_step,
@@ -360,19 +363,13 @@ class Engine:
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        params = self.trainable_parameters()
-        want = self.state_dict()["model"].keys()
-        if set(d["model"]) != set(want):
-            extra = sorted(set(d["model"]) ^ set(want))
+        live = self._weights()
+        if set(d["model"]) != set(live):
+            extra = sorted(set(d["model"]) ^ set(live))
             raise ModelError(f"checkpoint trains other parameters than this run, e.g. {extra[0]!r}")
-        names = {p: n for n, p in self.model.named_parameters()}
         with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(d["model"][n].to(p.device, p.dtype))
-            for p, m in self.masters.master.items():
-                m.copy_(d["model"][MASTER + names[p]].to(m.device))
-            for e in self.sparse.entries if self.sparse is not None else ():
-                e.master.copy_(d["model"][SPARSE + names[e.weight]].to(e.master.device))
+            for k, t in live.items():
+                t.copy_(d["model"][k].to(t.device, t.dtype))
         self.optimizer.load_state_dict(d["optimizer"])
         self.scheduler.load_state_dict(d["scheduler"])
         self.global_step = int(d["global_step"])
