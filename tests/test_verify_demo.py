@@ -48,7 +48,10 @@ def test_refusal_tuning_relearns_more_than_the_oracle(demo):
     assert po >= oracle + 0.25, (po, oracle)
 
 
-def test_int8_keeps_the_predictions_and_int2_does_not(demo):
+def test_int8_keeps_the_tiny_models_predictions(demo):
+    """8-bit RTN keeps the tiny model's multiple-choice predictions. 2-bit is printed, not asserted: the tiny
+    model trained from scratch keeps about 97 % of its predictions even with ternary weights, so the "2 bits
+    destroy a model" half of the check runs on the real pretrained model (tests/test_smol.py)."""
     work, _ = demo
     bench = Benchmark.load(os.path.join(work, "data"))
     adapter = open_model(os.path.join(work, "vanilla"), bench)
@@ -60,4 +63,4 @@ def test_int8_keeps_the_predictions_and_int2_does_not(demo):
         pred = rank_options(quantized_copy(adapter, scheme), ex, images)
         same[scheme] = 100.0 * sum(a == b for a, b in zip(pred, base)) / len(ex)
     print(same)
-    assert same["int8"] >= 95 and same["int2"] < 95, same
+    assert same["int8"] >= 95, same

@@ -252,3 +252,24 @@ def build_qwen2_5_vl(
 
 
 BUILDERS = {"llava": build_llava, "qwen2-vl": build_qwen2_vl, "qwen2.5-vl": build_qwen2_5_vl}
+
+
+def build_smol(seed: int = 0):
+    """The ``smol`` layout (EfficientNet-Lite trunk, 2-layer projector, Llama LM with ChatML turns) at small
+    sizes: a 64x64 image passes a total stride of 16 and becomes 4x4 = 16 image tokens."""
+    from mmunlearn.models.smol import EfficientNetLiteConfig, SmolLlavaForConditionalGeneration, processor_for, vlm_config
+
+    tokenizer = qwen_tokenizer()
+    processor = processor_for(tokenizer, image_size=64, patch_size=16)
+    vision = EfficientNetLiteConfig(
+        image_size=64, patch_size=16, hidden_size=32, stem_channels=8,
+        stages=[[1, 3, 1, 1, 8, 8], [2, 3, 2, 2, 8, 16], [1, 5, 2, 2, 16, 16], [1, 3, 2, 2, 16, 24]],
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = SmolLlavaForConditionalGeneration(vlm_config(text, vision, tokenizer.convert_tokens_to_ids("<image>")))
+    return _finish(model, tokenizer, [text.eos_token_id]), processor

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="vanilla fine-tuning: teach a model the benchmark")
     p.add_argument("--data", required=True, help="benchmark directory")
-    p.add_argument("--model", default="tiny", help="'tiny' (built-in) or a model directory")
-    p.add_argument("--family", help="model family (tiny, llava, qwen2-vl); default: from config.json")
+    p.add_argument("--model", default="tiny", help="'tiny' (built-in), 'smol' (real small VLM, extra 'smol') or a model directory")
+    p.add_argument("--family", help="model family (tiny, llava, qwen2-vl, smol); default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
     _dtype(p)
     _resume(p)

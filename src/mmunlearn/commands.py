@@ -35,7 +35,8 @@ def benchmark_corpus(bench: Benchmark) -> list[str]:
 
 def open_model(model: str, bench: Benchmark | None = None, family: str | None = None,
                dtype: str = "auto") -> ModelAdapter:
-    """``tiny`` builds the embedded model for ``bench``; anything else is a model directory (or hub id).
+    """``tiny`` builds the embedded model for ``bench``; ``smol`` is the real small VLM assembled from installed
+    wheels (cached after the first build, models/smol.py); anything else is a model directory (or hub id).
     ``dtype``: auto | bfloat16 | float16 | float32 (auto: bfloat16 on CUDA, float32 on the CPU)."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
@@ -44,6 +45,10 @@ def open_model(model: str, bench: Benchmark | None = None, family: str | None = 
             raise ConfigError("the tiny model is built from a benchmark: pass --data")
         m, p = build_tiny(benchmark_corpus(bench), TinyConfig())
         return LlavaAdapter(m.to("cuda" if torch.cuda.is_available() else "cpu", resolve_dtype(dtype)), p)
+    if model == "smol" and not Path(model).exists():
+        from mmunlearn.models.smol import build_smol_base
+
+        return load_adapter(build_smol_base(), family="smol", dtype=dtype)
     if not Path(model).exists() and family is None:
         raise ModelError(f"model directory does not exist: {model}")
     return load_adapter(model, family=family, dtype=dtype)

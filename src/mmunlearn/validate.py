@@ -94,6 +94,14 @@ def check_model(model: str, family: str | None) -> None:
         raise ConfigError(f"option --family: unknown model family {family!r}; available: {', '.join(FAMILIES)}")
     if model == "tiny" or family == "tiny" and not Path(model).is_dir():
         return
+    if model == "smol" and not Path(model).exists():
+        from mmunlearn.models.smol import smol_available
+
+        if not smol_available():
+            from mmunlearn.models.smol import INSTALL_HINT
+
+            raise ModelError(f"--model smol: its weights are not installed; {INSTALL_HINT}")
+        return
     p = Path(model)
     if not p.exists():
         if family is None:

@@ -11,11 +11,13 @@ from mmunlearn.errors import ModelError
 from mmunlearn.models.base import Item, ModelAdapter
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.qwen2_vl import Qwen2VLAdapter
+from mmunlearn.models.smol import SmolAdapter
 from mmunlearn.registry import Registry
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")
 ADAPTERS.register("llava")(LlavaAdapter)
 ADAPTERS.register("qwen2-vl")(Qwen2VLAdapter)
+ADAPTERS.register("smol")(SmolAdapter)
 FAMILIES = ("tiny", *ADAPTERS.names())
 
 __all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "family_of", "load_adapter", "resolve_dtype"]
