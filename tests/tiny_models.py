@@ -257,7 +257,12 @@ BUILDERS = {"llava": build_llava, "qwen2-vl": build_qwen2_vl, "qwen2.5-vl": buil
 def build_smol(seed: int = 0):
     """The ``smol`` layout (EfficientNet-Lite trunk, 2-layer projector, Llama LM with ChatML turns) at small
     sizes: a 64x64 image passes a total stride of 16 and becomes 4x4 = 16 image tokens."""
-    from mmunlearn.models.smol import EfficientNetLiteConfig, SmolLlavaForConditionalGeneration, processor_for, vlm_config
+    from mmunlearn.models.smol import (
+        EfficientNetLiteConfig,
+        SmolLlavaForConditionalGeneration,
+        processor_for,
+        vlm_config,
+    )
 
     tokenizer = qwen_tokenizer()
     processor = processor_for(tokenizer, image_size=64, patch_size=16)

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="vanilla fine-tuning: teach a model the benchmark")
     p.add_argument("--data", required=True, help="benchmark directory")
-    p.add_argument("--model", default="tiny", help="'tiny' (built-in), 'smol' (real small VLM, extra 'smol') or a model directory")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (built-in), 'smol' (real small VLM, extra 'smol') or a model directory")
     p.add_argument("--family", help="model family (tiny, llava, qwen2-vl, smol); default: from config.json")
     p.add_argument("--out", required=True, help="output model directory")
     _dtype(p)
@@ -86,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check"])
     p.add_argument("target", help="a finetune/unlearn output directory, or an evaluate results JSON")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in benchmark with the tiny model")
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in benchmark (tiny model, or --model smol)")
     p.add_argument("--workdir", default="runs/demo", help="where data, models and the report go")
     p.add_argument("--fast", action="store_true", help="a reduced configuration (for smoke tests)")
+    p.add_argument("--model", choices=("tiny", "smol"), default="tiny",
+                   help="tiny (built in) or smol (the real small VLM on a reduced benchmark; extra 'smol')")
     _common(p)
     return ap
 
@@ -122,8 +125,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(bench.examples)} examples to {args.out}")
     elif args.command == "finetune":
         from mmunlearn.train.finetune import FinetuneConfig
+        from mmunlearn.train.recipes import finetune_preset
+        from mmunlearn.validate import check_model
 
-        cfg = C.load(FinetuneConfig, args.config, args.set)
+        check_model(args.model, args.family)
+        cfg = C.load(FinetuneConfig, args.config, args.set, base=finetune_preset(args.model, args.family))
         rec = cmd.run_finetune(args.data, args.model, args.out, cfg, args.family, args.overwrite, progress,
                                dtype=args.dtype, resume=args.resume)
         print(f"wrote {args.out} (trained in {rec['log']['train_seconds']} s)")
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from mmunlearn.demo import DemoConfig, run_demo
 
-        cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast})
+        cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast, "model": args.model})
         report = run_demo(args.workdir, cfg, progress=progress)
         print(f"report: {report}")
     return 0

@@ -19,6 +19,7 @@ from mmunlearn import commands as cmd
 from mmunlearn import config as C
 from mmunlearn.data.fictitious import FictitiousConfig
 from mmunlearn.data.schema import Benchmark
+from mmunlearn.errors import ConfigError
 from mmunlearn.eval.runner import EvalConfig
 from mmunlearn.outputs import read_json_object, write_json
 from mmunlearn.train.finetune import FinetuneConfig
@@ -51,9 +52,16 @@ def demo_verify() -> VerifyConfig:
     return VerifyConfig(relearn=[RelearnSetting("full", lr=5e-4)], mia_limit=64)
 
 
+# The built-in benchmark at the size the smol model trains on within about half an hour of 2 CPU cores
+# (docs/smol.md): 8 people, 2 training views and 1 held-out view each.
+SMOL_DATA = {"num_people": 8, "train_images": 2, "test_images": 1}
+MODELS = ("tiny", "smol")
+
+
 @dataclass
 class DemoConfig:
     fast: bool = False  # a reduced configuration for smoke tests
+    model: str = "tiny"  # tiny (built in) or smol (the real small VLM, extra "smol"; reduced benchmark)
     data: FictitiousConfig = field(default_factory=FictitiousConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -67,6 +75,17 @@ class DemoConfig:
 
         for m in self.methods:
             METHODS.get(m)  # unknown names fail here, with a suggestion
+        if self.model not in MODELS:
+            raise ConfigError(f"demo model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.model == "smol":
+            from mmunlearn.train.recipes import finetune_preset
+
+            if self.data == FictitiousConfig(seed=self.data.seed):  # left at the defaults: the reduced size
+                self.data = FictitiousConfig(seed=self.data.seed, **SMOL_DATA)
+            if self.finetune == FinetuneConfig(seed=self.finetune.seed):
+                self.finetune = C.build(FinetuneConfig, {**finetune_preset("smol"), "seed": self.finetune.seed})
+            if self.eval.forget_set == EvalConfig().forget_set:  # 2 of the 8 people
+                self.eval.forget_set = "forget15"
         if self.fast:
             self.data = FictitiousConfig(seed=self.data.seed, num_people=8, train_images=2, test_images=1)
             self.finetune.steps = min(self.finetune.steps, 150)
@@ -87,7 +106,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
     bench = Benchmark.load(data)
     timings: dict[str, float] = {}
     if not (vanilla / cmd.RUN_FILE).is_file():
-        rec = cmd.run_finetune(str(data), "tiny", str(vanilla), cfg.finetune, overwrite=True, progress=progress)
+        rec = cmd.run_finetune(str(data), cfg.model, str(vanilla), cfg.finetune, overwrite=True, progress=progress)
         timings["finetune"] = rec["log"]["train_seconds"]
     models: dict[str, dict] = {"vanilla": {"path": str(vanilla)}}
     oracle = work / "oracle"
@@ -95,7 +114,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
         if not (oracle / cmd.RUN_FILE).is_file():
             ocfg = C.build(FinetuneConfig, {**C.to_dict(cfg.finetune), "exclude_forget": cfg.eval.forget_set,
                                             "exclude_kinds": ORACLE_EXCLUDES})
-            rec = cmd.run_finetune(str(data), "tiny", str(oracle), ocfg, overwrite=True, progress=progress)
+            rec = cmd.run_finetune(str(data), cfg.model, str(oracle), ocfg, overwrite=True, progress=progress)
             timings["finetune_oracle"] = rec["log"]["train_seconds"]
         models["oracle"] = {"path": str(oracle)}
     for method in tqdm(cfg.methods, desc="unlearn", disable=not progress):
@@ -133,4 +152,5 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
         "timings_seconds": timings,
     }
     write_json(work / "results.json", results)
-    return write_report(results, work, title="mmunlearn demo: fictitious-people with the tiny model")["markdown"]
+    title = f"mmunlearn demo: fictitious-people with the {cfg.model} model"
+    return write_report(results, work, title=title)["markdown"]

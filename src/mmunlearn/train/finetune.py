@@ -3,6 +3,8 @@
 For a randomly initialised vision tower (the ``tiny`` model) an image-only warm-up comes first: the vision
 tower and projector learn to tell the training identities apart (a linear identity head on the mean image
 token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder.
+A model whose projector is new (the ``smol`` model: pretrained encoder and LM, random projector) first gets a
+projector-only alignment (``align_steps``, LLaVA's stage 1) on the benchmark's image-text training pairs.
 Then every training example (VQA, text QA, utility) goes through the one engine; text-only and utility
 examples are repeated ``oversample_text`` times because each person has far more VQA pairs than text pairs.
 With a ``Checkpointer`` the run saves every ``save_every`` steps and on SIGTERM / Ctrl-C, and continues from
@@ -55,8 +57,16 @@ class FinetuneConfig:
     # entities (a forget-set name or a list of entity ids), of the kinds in exclude_kinds
     exclude_forget: str | list[str] | None = None
     exclude_kinds: tuple[str, ...] = ("vqa", "qa")
+    # projector-only alignment before the main stage (LLaVA's stage 1) on the image training examples
+    align_steps: int = 0
+    align_lr: float = 1e-3
+    # > 0: the main stage runs this many passes over the training examples instead of ``steps`` (steps sized by
+    # the benchmark: ceil(epochs * examples / batch_size))
+    epochs: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.align_steps < 0 or self.align_lr <= 0 or self.epochs < 0:
+            raise ConfigError("align_steps and epochs must be >= 0 and align_lr > 0")
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
@@ -65,12 +75,18 @@ class FinetuneConfig:
         if not self.exclude_kinds or any(k not in KINDS for k in self.exclude_kinds):
             raise ConfigError(f"exclude_kinds must name some of {KINDS}, got {self.exclude_kinds}")
 
-    def optim(self) -> OptimConfig:
+    def optim(self, steps: int | None = None) -> OptimConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
-            warmup_steps=self.warmup_steps, max_steps=self.steps, trainable=self.trainable, lora=self.lora,
+            warmup_steps=self.warmup_steps, max_steps=steps or self.steps, trainable=self.trainable, lora=self.lora,
             on_nonfinite=self.on_nonfinite,
         )
+
+    def main_steps(self, num_examples: int) -> int:
+        """Steps of the main stage: ``steps``, or ``epochs`` passes over ``num_examples``."""
+        if self.epochs <= 0:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
 
 
 def excluded_entities(bench: Benchmark, exclude: str | list[str] | None) -> set[str]:
@@ -150,6 +166,25 @@ def vision_warmup(
     return float(loss.detach())
 
 
+def align_projector(
+    adapter: ModelAdapter, bench: Benchmark, examples: list[Example], cfg: FinetuneConfig, progress: bool = True
+) -> float:
+    """Projector-only training on the image examples (answer cross-entropy): the new projector learns to map
+    the pretrained encoder's features into the LM's input space before the LM itself moves. Returns the final
+    loss (nan when there is nothing to do)."""
+    images = [e for e in examples if e.image is not None]
+    if cfg.align_steps <= 0 or not images:
+        return math.nan
+    engine = Engine(adapter, OptimConfig(lr=cfg.align_lr, scheduler="constant", max_steps=cfg.align_steps,
+                                         trainable=("projector",)), seed=cfg.seed)
+    stream = BatchStream(adapter, images, ImageCache(bench), cfg.batch_size, seed=cfg.seed + 1)
+    loss = math.nan
+    for _ in tqdm(range(cfg.align_steps), desc="align projector", leave=False, disable=not progress):
+        loss = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))["loss"]
+    del engine  # its optimizer state; the main stage builds its own
+    return float(loss)
+
+
 def ce_loss(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens only (labels are -100 elsewhere), with the LM head at
     answer positions only (``methods/answer_states.py``)."""
@@ -170,10 +205,14 @@ def finetune(
     resuming = checkpoints is not None and checkpoints.latest() is not None
     warm_loss = math.nan if resuming else vision_warmup(adapter, bench, examples, cfg, progress)
     t_warm = time.time() - t0
-    engine = Engine(adapter, cfg.optim(), seed=cfg.seed)
+    align_loss = math.nan if resuming else align_projector(adapter, bench, examples, cfg, progress)
+    t_align = time.time() - t0 - t_warm
+    steps = cfg.main_steps(len(examples))
+    engine = Engine(adapter, cfg.optim(steps), seed=cfg.seed)
     stream = BatchStream(adapter, examples, ImageCache(bench), cfg.batch_size, seed=cfg.seed)
-    # the warm-up moved vision and projector weights the engine may not train: checkpoints carry them too
-    warmed = {} if cfg.vision_warmup_steps <= 0 else {
+    # the warm-up and the alignment moved vision and projector weights the engine may not train: checkpoints
+    # carry them too
+    warmed = {} if cfg.vision_warmup_steps <= 0 and cfg.align_steps <= 0 else {
         engine.base_name(n): p for n, p in engine.model.named_parameters()
         if not p.requires_grad and adapter.group_of(engine.base_name(n)) in ("vision", "projector")
     }
@@ -186,21 +225,22 @@ def finetune(
         engine.load_state_dict(ck.engine)
         stream.load_state_dict(ck.state["streams"]["train"])
         history, start, warm_loss = ck.state["history"], ck.step, ck.state["vision_warmup_loss"]
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="fine-tune", disable=not progress)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", disable=not progress)
     with checkpoints.signals() if checkpoints is not None else nullcontext():
         for step in bar:
             logs = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            if step % cfg.log_every == 0 or step == steps - 1:
                 history.append({"step": step, "loss": logs["loss"] if math.isfinite(logs["loss"]) else None})
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if checkpoints is not None and checkpoints.due(step + 1, cfg.steps):
+            if checkpoints is not None and checkpoints.due(step + 1, steps):
                 state = {"streams": {"train": stream.state_dict()}, "history": history,
                          "vision_warmup_loss": warm_loss}
                 checkpoints.save(step + 1, engine.state_dict(), state, tensors=warmed)
-                checkpoints.stop_if_requested(step + 1, cfg.steps)
+                checkpoints.stop_if_requested(step + 1, steps)
     adapter.model.eval()
     return {
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
+        "align_seconds": round(t_align, 1), "align_loss": align_loss, "steps": steps,
         "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
         "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
         "excluded_entities": sorted(excluded),

@@ -60,3 +60,29 @@ def recipe(method: str, defaults: dict[str, Any], which: str, adapter: ModelAdap
             lora["target_modules"] = list(adapter.lm_lora_targets)
         out["lora"] = lora
     return out
+
+
+# Vanilla fine-tuning per model family, where the FinetuneConfig defaults (tuned for the tiny model trained from
+# scratch: lr 1e-3, an identity warm-up of a random vision tower) do not apply. The smol model arrives with a
+# pretrained encoder (kept frozen: no warm-up) and LM, and a new projector: a projector-only alignment first,
+# then projector + LM at the learning rates used to fine-tune small pretrained LMs, sized in epochs.
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    "smol": {
+        "vision_warmup_steps": 0, "align_steps": 40, "align_lr": 1e-3, "trainable": ("projector", "language"),
+        "lr": 1e-4, "group_lr": {"projector": 1e-3}, "batch_size": 8, "epochs": 3.0, "warmup_steps": 10,
+        "oversample_text": 2, "log_every": 10,
+    },
+}
+
+
+def finetune_preset(model: str, family: str | None = None) -> dict[str, Any]:
+    """The fine-tuning preset of a model (``smol``, or a directory of that family); {} for the others."""
+    from pathlib import Path
+
+    if family is None and Path(model).is_dir():
+        from mmunlearn.models import family_of
+
+        family = family_of(model)
+    name = family or model
+    preset = FINETUNE_PRESETS.get(name, {})
+    return {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
