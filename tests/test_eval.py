@@ -92,3 +92,18 @@ def test_fluency_masks_each_answers_own_name_even_after_an_empty_answer(tiny, sm
     after_empty = _masked_perplexity(tiny, [e, e], ["", answer], ["Nobody Here", name], images)
     assert alone != pytest.approx(unmasked), "the name's tokens are left out"
     assert after_empty == pytest.approx(alone)
+
+
+def test_generation_perplexity_is_that_of_the_reference_answers(tiny, small_bench):
+    """gen_ppl = exp(-mean log p) over the answer tokens of the unit's generation questions (by hand here)."""
+    from mmunlearn.data.batches import ImageCache
+    from mmunlearn.eval.scoring import answer_logprobs
+    from mmunlearn.models.base import Item
+
+    cfg = EvalConfig(forget_set="forget15", max_new_tokens=2, protocols=())
+    res = evaluate(tiny, small_bench, cfg, progress=False)
+    gen = [e for e in small_bench.select("retain", "forget15", purpose="eval", kind="qa") if e.task == "gen"]
+    images = ImageCache(small_bench)
+    lps = [v for row in answer_logprobs(tiny, [Item(e.prompt, e.answer, images.get(e)) for e in gen]) for v in row]
+    assert res["retain"]["qa"]["gen_ppl"] == pytest.approx(math.exp(-sum(lps) / len(lps)), rel=1e-4)
+    assert res["retain"]["qa"]["gen_ppl"] > 1

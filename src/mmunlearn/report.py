@@ -42,6 +42,7 @@ MAIN_COLUMNS = [
     ("retain", "vqa", "name_rate", "name retain", "↑"),
     ("forget", "vqa", "cloze_acc", "cloze forget VQA", FORGET), ("forget", "qa", "cloze_acc", "cloze forget QA", "↑"),
     ("forget", "qa", "gen_rougeL", "ROUGE-L forget QA", "↑"), ("retain", "qa", "gen_rougeL", "ROUGE-L retain", "↑"),
+    ("retain", "qa", "gen_ppl", "ppl retain QA", "↓"),
 ]
 BAR_METRICS = PERCENT_METRICS - {"gen_em"}  # the bar chart shares one 0-100 axis
 
@@ -464,7 +465,8 @@ def build_blocks(merged: dict, title: str) -> list[Block]:
          ": all other entities; ", ("utility", "bold"), ": shapes, colours and general facts."],
         [("name", "bold"), ": % of identity answers that contain the person's name."],
         [("cloze", "bold"), ": % of fill-in answers that contain the ground truth; ", ("ROUGE-L", "bold"),
-         ": F1 in [0, 1] of text-only generations against the reference."],
+         ": F1 in [0, 1] of text-only generations against the reference; ", ("ppl", "bold"),
+         ": perplexity of the reference answers (↓ = lower is better; on retain, the language kept)."],
         [(FORGET, "bold"), ": closer to the oracle is better (the ", ("oracle", "code"), " row: the same recipe "
          "trained without the forget data; without one, chance level for MC). Lower is not better: a model below "
          "the oracle, e.g. below chance, still carries the information. ", ("↑", "bold"), ": higher = better "

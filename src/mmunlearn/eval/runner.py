@@ -23,7 +23,7 @@ from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.eval import metrics, prompts
 from mmunlearn.eval.cache import EvalCache
-from mmunlearn.eval.scoring import generate_batched, rank_options
+from mmunlearn.eval.scoring import answer_logprobs, generate_batched, rank_options
 from mmunlearn.models.base import Item, ModelAdapter
 
 LETTERS = "ABCD"
@@ -206,6 +206,10 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
             scores = metrics.generation_scores([o for _, o in g], [e.answer for e, _ in g])
             r.update({f"gen_{k}": v for k, v in scores.items()})
             r["gen_n"] = len(g)
+            # language kept: perplexity of the reference answers (answer tokens, end of turn included); on the
+            # retain and utility splits the fluency outside the forget set (lower = better)
+            lps = answer_logprobs(adapter, [Item(e.prompt, e.answer, images.get(e)) for e, _ in g], cfg.batch_size)
+            r["gen_ppl"] = metrics.perplexity([v for row in lps for v in row])
             ident = [(e, o) for e, o in g if e.qtype == "identity" and names.get(e.entity)]
             if ident:
                 r["name_rate"] = 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in ident) / len(ident)
