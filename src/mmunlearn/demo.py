@@ -86,6 +86,8 @@ class DemoConfig:
                 self.finetune = C.build(FinetuneConfig, {**finetune_preset("smol"), "seed": self.finetune.seed})
             if self.eval.forget_set == EvalConfig().forget_set:  # 2 of the 8 people
                 self.eval.forget_set = "forget15"
+            if self.verify == demo_verify():  # a pretrained model: the standard full-parameter attack
+                self.verify = VerifyConfig(relearn=[RelearnSetting("full", lr=2e-5)], mia_limit=64)
         if self.fast:
             self.data = FictitiousConfig(seed=self.data.seed, num_people=8, train_images=2, test_images=1)
             self.finetune.steps = min(self.finetune.steps, 150)
