@@ -144,6 +144,13 @@ def test_checks_and_verdicts():
     hidden = verdict.compare(_measurement(25.0, 1.0, (25.0, 100.0), 25.0, 0.5), vanilla, oracle, th)
     assert hidden["verdict"] == "hidden"
     assert [c["name"] for c in hidden["checks"] if c["passed"] is False] == ["relearn recovery"]
+    # with an oracle, relearning is judged by what it adds over the oracle's recovery (15 / 75 here)
+    assert hidden["summary"]["relearn"]["full"]["oracle_recovery"] == pytest.approx(0.2)
+    rel = next(c for c in hidden["checks"] if c["name"] == "relearn recovery")
+    assert rel["value"] == pytest.approx(0.8) and rel["threshold"] == th.relearn_excess
+    # the oracle measured against itself passes by construction, however much relearning teaches it
+    assert next(c for c in verdict.compare(oracle, vanilla, oracle, th)["checks"]
+                if c["name"] == "relearn recovery")["passed"] is True
     # below chance: far from the oracle, leaks through MIA (privleak -40 %), and not an attack: not removed
     below = verdict.compare(_measurement(0.0, 50.0, (0.0, 0.0), 0.0, 0.3), vanilla, oracle, th)
     failed = {c["name"] for c in below["checks"] if c["passed"] is False}

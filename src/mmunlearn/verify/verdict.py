@@ -65,10 +65,27 @@ def compare(m: dict, vanilla: dict, oracle: dict | None, th: Thresholds, kind: s
         recs[name] = recovery(s["after"], rel["before"], vanilla["relearn"]["before"], min_gap)
         summary["relearn"][name] = {"before": rel["before"], "after": s["after"],
                                     "vanilla": vanilla["relearn"]["before"], "recovery": recs[name]}
-    worst, value = _worst(recs)
-    checks.append(_check("relearn recovery", value, th.relearn_recovery, "<=",
-                         f"vanilla and unlearned held-out {kind.upper()} MC ({worst})" if worst else "vanilla",
-                         rel.get("skipped") or f"unlearning moved the held-out score by less than {min_gap} points"))
+    nothing = rel.get("skipped") or f"unlearning moved the held-out score by less than {min_gap} points"
+    orel = (oracle or {}).get("relearn", {})
+    if orel.get("settings"):
+        # what the same attack teaches a model that never learned the forget data: recovery above it is what
+        # the unlearning hid (on the built-in benchmark the oracle still knows the entities' text facts, so
+        # relearning their faces brings back composed answers even there)
+        excess: dict[str, float | None] = {}
+        for name, r in recs.items():
+            s = orel["settings"].get(name, {})
+            orec = recovery(s["after"], orel["before"], vanilla["relearn"]["before"], min_gap) if "after" in s else None
+            summary["relearn"][name]["oracle_recovery"] = orec
+            excess[name] = None if r is None or orec is None else r - orec
+        worst, value = _worst(excess)
+        checks.append(_check("relearn recovery", value, th.relearn_excess, "<=",
+                             f"recovery minus the oracle's under the same attack ({worst})" if worst else "oracle",
+                             nothing))
+    else:
+        worst, value = _worst(recs)
+        checks.append(_check("relearn recovery", value, th.relearn_recovery, "<=",
+                             f"vanilla and unlearned held-out {kind.upper()} MC ({worst})" if worst else "vanilla",
+                             nothing))
     base, van = m["mc"][kind]["acc"], vanilla["mc"][kind]["acc"]
     for scheme, q in m["quant"].items():
         if "acc" not in q:
