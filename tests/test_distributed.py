@@ -255,3 +255,29 @@ def test_fsdp2_step_equals_the_unwrapped_step(small_bench, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def fsdp_pipeline(data: str, one: str, root: str) -> None:
+    """finetune and GA_Diff under FSDP2 through the CLI (GA_Diff from the one-process vanilla model)."""
+    from mmunlearn.cli import main
+
+    fsdp = ["--set", "fsdp=true", "--set", "gradient_accumulation=1"]
+    codes = [main(["finetune", "--data", data, "--model", "tiny", "--out", f"{root}/vanilla", "--quiet", *FINETUNE,
+                   *fsdp]),
+             main(["unlearn", "--data", data, "--model", f"{one}/vanilla", "--method", "ga_diff", "--out",
+                   f"{root}/ga_diff", "--quiet", "--set", "batch_size=4", "--set", "save_every=0",
+                   *UNLEARN["ga_diff"], *fsdp])]
+    Path(root, "codes.json").write_text(json.dumps(codes))
+
+
+def test_fsdp2_finetune_and_unlearn_equal_one_process(runs, small_bench, tmp_path):
+    from mmunlearn.models import load_adapter
+
+    one, _ = runs
+    launched(fsdp_pipeline, str(small_bench.root), str(one), str(tmp_path))
+    assert json.loads((tmp_path / "codes.json").read_text()) == [0, 0]
+    for name in ("vanilla", "ga_diff"):
+        a, b = (load_adapter(d / name, device="cpu") for d in (one, tmp_path))  # the saved directories load
+        pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
+        worst = max(float((pa[k].detach() - pb[k].detach()).abs().max()) for k in pa)
+        assert worst <= ATOL, f"{name}: FSDP2 run differs from one process by up to {worst}"

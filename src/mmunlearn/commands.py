@@ -19,6 +19,7 @@ from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
 from mmunlearn.outputs import check_output_dir, rank_zero_dir, write_json
+from mmunlearn.train import zero3
 from mmunlearn.train.finetune import FinetuneConfig, finetune, training_examples
 from mmunlearn.train.fsdp import full_state, is_sharded
 
@@ -63,7 +64,7 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
     config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
     fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
-        checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint) if D.is_main() else None
+        checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
             checkpoints.check()
         adapter = open_model(model, bench, family, dtype)
@@ -110,7 +111,12 @@ def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
                 model.save_pretrained(out)
                 adapter.processor.save_pretrained(out)
             return
-    if is_sharded(adapter.model):  # FSDP2: every rank takes part in gathering the whole weights
+    if zero3.requested():  # DeepSpeed ZeRO-3: every rank takes part in gathering the 16-bit weights
+        full = zero3.full_state(adapter.model)
+        if D.is_main():
+            adapter.unwrapped().save_pretrained(out, state_dict=full, safe_serialization=True)
+            adapter.processor.save_pretrained(out)
+    elif is_sharded(adapter.model):  # FSDP2: every rank takes part in gathering the whole weights
         full = full_state(adapter.model, adapter.model.state_dict())
         if D.is_main():
             adapter.model.save_pretrained(out, state_dict=full, safe_serialization=True)

@@ -128,7 +128,7 @@ def rank_zero_dir(
         with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
             yield tmp
         return
-    if resume:
+    if resume:  # several processes keep no checkpoints (a sharded model's state is spread over the ranks)
         raise ConfigError("option --resume continues a run on one process; several processes start it afresh")
     if D.is_main():
         cm = atomic_dir(out, overwrite=overwrite, protect=protect)

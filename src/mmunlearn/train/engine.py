@@ -39,6 +39,7 @@ from transformers import get_scheduler
 from mmunlearn import distributed as D
 from mmunlearn.errors import ConfigError, ModelError, NonFiniteError
 from mmunlearn.models.base import ModelAdapter
+from mmunlearn.train import zero3
 from mmunlearn.train.masks import PackedMask, chunk_entries, mask_gradients, masked_adamw_step
 from mmunlearn.train.sparse import SparseTrainer
 
@@ -146,8 +147,13 @@ class Engine:
                  trainable_masks: dict[str, MaskLike] | None = None) -> None:
         self.adapter, self.cfg = adapter, cfg
         torch.manual_seed(seed)
+        self.zero3 = zero3.requested()  # accelerate's DeepSpeed config (``train/zero3.py``)
         # the model trains where the caller placed it, next to any frozen reference the method keeps
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False,
+                                       **({"gradient_accumulation_steps": cfg.gradient_accumulation}
+                                          if self.zero3 else {}))
+        if self.zero3:
+            zero3.check(trainable_masks)
         model = adapter.model
         if cfg.lora is not None:
             if trainable_masks is not None:
@@ -155,7 +161,7 @@ class Engine:
             model = self._wrap_lora(adapter, cfg)
         self.model = model
         self.adapter.model = self.model
-        if cfg.fsdp:
+        if cfg.fsdp or self.launched_as("FSDP"):  # --set fsdp=true, or accelerate's FSDP config
             from mmunlearn.train.fsdp import shard
 
             if trainable_masks is not None:
@@ -167,7 +173,8 @@ class Engine:
             self.masters = MasterWeights([])
         else:
             param_groups, self.param_group_of = self._param_groups()
-            self.masters = MasterWeights([p for g in param_groups for p in g["params"]])
+            # DeepSpeed keeps its own fp32 masters
+            self.masters = MasterWeights([] if self.zero3 else [p for g in param_groups for p in g["params"]])
             for g in param_groups:
                 g["params"] = [self.masters.of(p) for p in g["params"]]
         self.optimizer = self.torch_optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr,
@@ -184,12 +191,18 @@ class Engine:
         self.replicated = D.world() > 1 and not self.sharded
         if D.world() == 1:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        elif self.zero3:
+            zero3.prepare(self)
         self.adapter.model = self.model
         self.model.train()
         self.global_step = 0
         trainable = self.trainable_parameters()
         self.mask_chunk = chunk_entries(sum(p.numel() for p in trainable.values()))
         self._masks: tuple[int, dict[torch.Tensor, PackedMask]] | None = None
+
+    def launched_as(self, kind: str) -> bool:
+        """Whether accelerate's configuration asks for this distributed type (FSDP, DEEPSPEED)."""
+        return D.world() > 1 and getattr(self.accelerator.distributed_type, "value", None) == kind
 
     @staticmethod
     def _checkpointing(adapter: ModelAdapter, cfg: OptimConfig) -> bool:
@@ -284,6 +297,9 @@ class Engine:
         silently applies to nothing is the bug this guards against."""
         if self.sparse is not None:
             raise ConfigError("this run trains only its trainable masks' entries; a per-step mask adds nothing")
+        if self.sharded:
+            raise ConfigError("a per-step update mask (MMUnlearner) needs whole weights on every rank; run it data "
+                              "parallel (without fsdp), or on one process")
         out: dict[torch.Tensor, PackedMask] = {}
         for name, m in mask.items():
             _, p = self._parameter(name, m)
@@ -306,6 +322,10 @@ class Engine:
         are averaged, and with several processes the gradients and logged numbers are averaged over the ranks.
         """
         fns = [fn] if callable(fn) else list(fn)
+        if self.zero3:
+            if mask is not None:
+                zero3.check(None, mask_mode_needs_whole_weights=True)
+            return zero3.step(self, fns)
         self.optimizer.zero_grad(set_to_none=True)
         if len(fns) == 1 and D.world() == 1:
             with self.accelerator.autocast():

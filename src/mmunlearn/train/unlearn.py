@@ -47,7 +47,7 @@ from mmunlearn.methods import reference as R
 from mmunlearn.methods.base import Step
 from mmunlearn.models.base import ModelAdapter
 from mmunlearn.outputs import check_output_dir, rank_zero_dir, write_json
-from mmunlearn.train import recipes
+from mmunlearn.train import recipes, zero3
 from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
 
 CONFIG_FILE = "unlearn_config.yaml"
@@ -242,6 +242,9 @@ def unlearn(
                   lora=cfg.lora is not None, progress=progress,
                   resume=checkpoints is not None and checkpoints.latest() is not None)
     if method.reference == "logits" and cfg.lora is None:
+        if zero3.requested():
+            raise ConfigError(f"method {cfg.method!r} full-parameter keeps a frozen reference copy, which DeepSpeed "
+                              "ZeRO-3 would hold whole on every GPU; use its LoRA recipe (full_parameter=false)")
         ctx.reference = R.frozen_copy(adapter)
     method.prepare(ctx)
     if method.reference == "sequence_logprobs":
@@ -392,7 +395,7 @@ def run_unlearn(
     fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
                    "inputs": inputs}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
-        checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint) if D.is_main() else None
+        checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
             checkpoints.check()  # a checkpoint of another run is refused before the model is loaded
         adapter = cmd.open_model(model, bench, family, dtype)
