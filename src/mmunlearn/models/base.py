@@ -55,6 +55,7 @@ class ModelAdapter:
     # set when the vision tower is sharded (FSDP2, ZeRO-3): a batch without images still runs it (on a blank
     # image, contributing zero), so that every rank gathers the same parameters in the same order
     touch_vision: bool = False
+    blank_image_side: ClassVar[int | None] = None  # pixels of that blank image (None: the processor's crop size)
 
     def __init__(self, model: torch.nn.Module, processor, path: str | Path | None = None) -> None:
         self.model = model
@@ -219,9 +220,8 @@ class ModelAdapter:
 
     def blank_image_inputs(self) -> dict[str, torch.Tensor]:
         """The processor's inputs for one black image of the processor's own size (the vision-tower touch)."""
-        ip = self.processor.image_processor
-        crop = getattr(ip, "crop_size", None) or {}
-        side = int(crop.get("height") or (getattr(ip, "size", None) or {}).get("shortest_edge") or 224)
+        crop = getattr(self.processor.image_processor, "crop_size", None) or {}
+        side = self.blank_image_side or int(crop.get("height") or 224)
         enc = self._process([self.item_text(Item("", "", Image.new("RGB", (side, side))))],
                             [Image.new("RGB", (side, side))], "right")
         return self.image_inputs(dict(enc), [0])
