@@ -68,7 +68,22 @@ def pipeline(data: str, root: str, accumulation: int) -> None:
         masked.append({"outside_max_change": out_of_mask, "inside_changed": in_mask})
         return logs
 
-    outputs.atomic_dir, Engine.step = counted, checked
+    from mmunlearn.models.base import ModelAdapter
+
+    generate, generated = ModelAdapter.generate, []
+
+    def counting(self, items, *a, **k):  # evaluation's generation batches on this rank
+        generated.append(len(items))
+        return generate(self, items, *a, **k)
+
+    deal, dealt = D.my_batches, []
+
+    def dealing(batches):  # scoring / saliency / reference batches this rank computes
+        for b in deal(batches):
+            dealt.append(1)
+            yield b
+
+    outputs.atomic_dir, Engine.step, ModelAdapter.generate, D.my_batches = counted, checked, counting, dealing
     try:
         acc = ["--set", f"gradient_accumulation={accumulation}"]
         base = str(Path(root) / "vanilla")
@@ -80,8 +95,9 @@ def pipeline(data: str, root: str, accumulation: int) -> None:
             codes.append(main(["evaluate", "--data", data, "--model", out, "--out", f"{out}.json", "--quiet",
                                *EVAL]))
     finally:
-        outputs.atomic_dir, Engine.step = atomic, step
-    log = {"world": D.world(), "codes": codes, "made": made, "masked": masked}
+        outputs.atomic_dir, Engine.step, ModelAdapter.generate, D.my_batches = atomic, step, generate, deal
+    log = {"world": D.world(), "codes": codes, "made": made, "masked": masked, "generated": generated,
+           "dealt": len(dealt)}
     (Path(root) / f"rank{rank}.log.json").write_text(json.dumps(log))
 
 
@@ -126,6 +142,16 @@ def test_two_processes_write_one_output_each_once(runs):
     for m in METHODS:
         rec = json.loads((two / m / "mmunlearn_run.json").read_text())
         assert rec["processes"] == 2
+
+
+def test_batches_are_shared_out_not_repeated(runs):
+    """Evaluation, saliency and reference batches: each computed once, on one rank; both ranks get work."""
+    one, two = runs
+    alone = json.loads((one / "rank0.log.json").read_text())
+    shares = [json.loads((two / f"rank{r}.log.json").read_text()) for r in (0, 1)]
+    assert sum(sum(s["generated"]) for s in shares) == sum(alone["generated"])  # every prompt generated once
+    assert sum(s["dealt"] for s in shares) == alone["dealt"]
+    assert all(s["dealt"] >= alone["dealt"] // 3 for s in shares), [s["dealt"] for s in shares]
 
 
 def test_two_processes_equal_one_process_with_accumulation(runs):

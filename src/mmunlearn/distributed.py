@@ -168,11 +168,20 @@ def micro_slices(n: int, accumulation: int, what: str = "batch") -> list[slice]:
     return [slice((first + i) * size, (first + i + 1) * size) for i in range(accumulation)]
 
 
+_dealt = [0]  # batches dealt so far in this process: every rank deals the same sequence, so they agree
+
+
 def my_batches(batches: Iterable[T]) -> Iterator[T]:
-    """Every ``world``-th batch, starting at this rank's (whole batches: each item is computed in the batch
-    one process would put it in)."""
+    """This rank's share of the batches, dealt round-robin (whole batches: each item is computed in the batch
+    one process would put it in). The deal continues across calls, so many short lists (evaluation units of a
+    batch or two) still spread over the ranks."""
     w, r = world(), rank()
-    for i, b in enumerate(batches):
+    if w == 1:
+        yield from batches
+        return
+    for b in batches:
+        i = _dealt[0]
+        _dealt[0] += 1
         if i % w == r:
             yield b
 
