@@ -87,3 +87,15 @@ def test_vision_touch_changes_nothing_but_reaches_the_vision_tower(build, cls):
     a.model.zero_grad(set_to_none=True)
     batch_ce(a, a.encode([items()[0]])).backward()  # the parameters an image batch reaches
     assert touched_grads == {n for n, p in vision.items() if p.grad is not None} != set()
+
+
+def test_sharding_options_refuse_one_process_and_masks(monkeypatch):
+    from mmunlearn.train import zero3
+
+    model, proc = build_llava()
+    with pytest.raises(ConfigError, match="several processes"):
+        Engine(LlavaAdapter(model, proc), OptimConfig(max_steps=1, fsdp=True))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not zero3.requested()  # DeepSpeed only under a multi-process launch
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        zero3.check({"w": None})

@@ -92,6 +92,7 @@ class OptimConfig:
     # processes × gradient_accumulation equal parts whose losses are averaged (``distributed.micro_slices``)
     gradient_accumulation: int = 1
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (``train/fsdp.py``)
+    micro_batch: int = 1  # examples per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu (bookkeeping)
 
     def __post_init__(self) -> None:
         bad = [g for g in (*self.trainable, *self.group_lr) if g not in GROUPS]

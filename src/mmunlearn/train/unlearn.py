@@ -259,12 +259,15 @@ def unlearn(
         r_stream = BatchStream(adapter, ctx.retain_data, images, cfg.batch_size, seed=cfg.seed + 1)
         ctx.n_retain_batches = len(r_stream)
     plan = method.schedule(ctx, cfg.steps, cfg.epochs)
+    if zero3.requested() and any(s.masked for s in plan):
+        zero3.check(None, mask_mode_needs_whole_weights=True)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0) * len(plan))
     engine = Engine(adapter, OptimConfig(
         lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
         warmup_steps=warmup, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
         lora=cfg.lora, mask_mode=method.mask_mode(), gradient_checkpointing=cfg.gradient_checkpointing,
         on_nonfinite=cfg.on_nonfinite, gradient_accumulation=cfg.gradient_accumulation, fsdp=cfg.fsdp,
+        micro_batch=max(1, cfg.batch_size // (D.world() * cfg.gradient_accumulation)),
     ), seed=cfg.seed, trainable_masks=method.trainable_masks(ctx))
     ctx.engine = engine
     if method.reference == "logits" and cfg.lora is not None:

@@ -42,6 +42,9 @@ def check(trainable_masks: object, mask_mode_needs_whole_weights: bool = False) 
 
 def prepare(engine: Engine) -> None:
     """Hand model and optimizer to DeepSpeed (through accelerate); the vision tower is touched on text batches."""
+    plugin = engine.accelerator.state.deepspeed_plugin
+    if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader to infer it
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = engine.cfg.micro_batch
     engine.model, engine.optimizer = engine.accelerator.prepare(engine.model, engine.optimizer)
     engine.adapter.model = engine.model
     engine.adapter.touch_vision = True
