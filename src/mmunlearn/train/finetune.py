@@ -75,7 +75,7 @@ class FinetuneConfig:
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
             warmup_steps=self.warmup_steps, max_steps=self.steps, trainable=self.trainable, lora=self.lora,
             on_nonfinite=self.on_nonfinite, gradient_accumulation=self.gradient_accumulation, fsdp=self.fsdp,
-            micro_batch=max(1, self.batch_size // (D.world() * self.gradient_accumulation)),
+            micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
 
 
