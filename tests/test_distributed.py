@@ -307,3 +307,42 @@ def test_fsdp2_finetune_and_unlearn_equal_one_process(runs, small_bench, tmp_pat
         pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
         worst = max(float((pa[k].detach() - pb[k].detach()).abs().max()) for k in pa)
         assert worst <= ATOL, f"{name}: FSDP2 run differs from one process by up to {worst}"
+
+
+def unlearn_failing_on_rank1(data: str, base: str, root: str) -> None:
+    """GA_Diff whose loss fails on rank 1 only, at the second step: the CLI's exit code and stderr per rank."""
+    import contextlib
+    import io
+
+    from mmunlearn import distributed as D
+    from mmunlearn.cli import main
+    from mmunlearn.errors import DataError
+    from mmunlearn.methods.ga_diff import GradientDifference
+
+    loss, calls = GradientDifference.loss, []
+
+    def failing(self, ctx, batches):
+        calls.append(1)
+        if D.rank() == 1 and len(calls) == 2:
+            raise DataError("examples.jsonl line 7: answer is empty")
+        return loss(self, ctx, batches)
+
+    GradientDifference.loss = failing
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(["unlearn", "--data", data, "--model", base, "--method", "ga_diff", "--out", f"{root}/out",
+                         "--quiet", "--set", "batch_size=4", "--set", "steps=3"])
+    finally:
+        GradientDifference.loss = loss
+    Path(root, f"fail{D.rank()}.json").write_text(json.dumps({"code": code, "stderr": err.getvalue()}))
+
+
+def test_a_failure_on_one_rank_stops_both_with_one_line(runs, small_bench, tmp_path):
+    one, _ = runs
+    launched(unlearn_failing_on_rank1, str(small_bench.root), str(one / "vanilla"), str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"fail{r}.json").read_text()) for r in (0, 1))
+    assert r0["code"] == r1["code"] == 2
+    assert r0["stderr"] == "mmunlearn unlearn: error: examples.jsonl line 7: answer is empty\n"
+    assert r1["stderr"] == ""  # the same error, printed once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fail0.json", "fail1.json"]  # no output, no temp dir
