@@ -36,6 +36,16 @@ EVAL = ["--set", "splits=[forget,retain]", "--set", "limit=6", "--set", "protoco
         "--set", "cache=false", "--set", "batch_size=4"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread here as in the launched processes: a thread count changes float summation order (and
+    another test module sets 2 for the whole session)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pipeline(data: str, root: str, accumulation: int) -> None:
     """finetune → unlearn (GA_Diff, NPO, MMUnlearner) → evaluate through the CLI, recording per rank how often
     an output directory was made and what MMUnlearner's masked steps changed."""
