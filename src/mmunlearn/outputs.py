@@ -129,7 +129,10 @@ def rank_zero_dir(
             yield tmp
         return
     if resume:  # several processes keep no checkpoints (a sharded model's state is spread over the ranks)
-        raise ConfigError("option --resume continues a run on one process; several processes start it afresh")
+        def refuse() -> None:
+            raise ConfigError("option --resume continues a run on one process; several processes start it afresh")
+
+        D.agree(refuse)  # every rank raises it, rank 0 prints it
     if D.is_main():
         cm = atomic_dir(out, overwrite=overwrite, protect=protect)
     else:
