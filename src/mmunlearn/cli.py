@@ -191,16 +191,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _says(e: MMUError) -> bool:
+    """Whether this process prints the error line: always on one process; with several, rank 0 prints an error
+    every rank agreed on (``distributed.agree``) and a rank prints one only it raised."""
+    from mmunlearn import distributed as D
+
+    return D.is_main() or not getattr(e, "agreed", False)
+
+
+def _where() -> str:
+    from mmunlearn import distributed as D
+
+    return f" (rank {D.rank()})" if D.world() > 1 and not D.is_main() else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        from mmunlearn import distributed as D
+
+        D.init()  # several processes (accelerate launch): join their group
+        if not D.is_main():  # rank 0 alone reports what was done
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         return run(args)
     except RunInterrupted as e:
-        print(f"mmunlearn {args.command}: {e}", file=sys.stderr)
+        if _says(e):
+            print(f"mmunlearn {args.command}: {e}{_where()}", file=sys.stderr)
         return 128 + e.signum
     except MMUError as e:
-        print(f"mmunlearn {args.command}: error: {e}", file=sys.stderr)
+        if _says(e):
+            print(f"mmunlearn {args.command}: error: {e}{_where()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

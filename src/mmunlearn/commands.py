@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from mmunlearn import config as C
+from mmunlearn import distributed as D
 from mmunlearn import manifest as M
 from mmunlearn import validate as V
 from mmunlearn.checkpoint import Checkpointer
@@ -19,8 +18,10 @@ from mmunlearn.eval.runner import EvalConfig, evaluate, mode_of
 from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
-from mmunlearn.outputs import atomic_dir, check_output_dir, write_json
+from mmunlearn.outputs import check_output_dir, rank_zero_dir, write_json
+from mmunlearn.train import zero3
 from mmunlearn.train.finetune import FinetuneConfig, finetune, training_examples
+from mmunlearn.train.fsdp import full_state, is_sharded
 
 RUN_FILE = "mmunlearn_run.json"
 
@@ -44,14 +45,14 @@ def open_model(model: str, bench: Benchmark | None = None, family: str | None = 
         if bench is None:
             raise ConfigError("the tiny model is built from a benchmark: pass --data")
         m, p = build_tiny(benchmark_corpus(bench), TinyConfig())
-        return LlavaAdapter(m.to("cuda" if torch.cuda.is_available() else "cpu", resolve_dtype(dtype)), p)
+        return LlavaAdapter(m.to(D.device(), resolve_dtype(dtype)), p)
     if model == "smol" and not Path(model).exists():
         from mmunlearn.models.smol import build_smol_base
 
-        return load_adapter(build_smol_base(), family="smol", dtype=dtype)
+        return load_adapter(build_smol_base(), family="smol", dtype=dtype, device=str(D.device()))
     if not Path(model).exists() and family is None:
         raise ModelError(f"model directory does not exist: {model}")
-    return load_adapter(model, family=family, dtype=dtype)
+    return load_adapter(model, family=family, dtype=dtype, device=str(D.device()))
 
 
 def make_data(out: str, cfg: FictitiousConfig, overwrite: bool = False) -> Benchmark:
@@ -62,32 +63,48 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
                  overwrite: bool = False, progress: bool = True, resume: bool = False, dtype: str = "auto") -> dict:
     """Fine-tune ``model`` on benchmark ``data`` into ``out`` (validated first; ``resume`` continues into it)."""
     t0 = time.time()
-    bench, _ = V.check_data(data)
-    if not training_examples(bench):
-        raise DataError(f"{Path(data) / 'examples.jsonl'}: no examples with purpose 'train' to fine-tune on")
-    V.check_model(model, family)
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
-    check_output_dir(out, overwrite, protect)
+    bench = D.agree(lambda: _validate_finetune(data, model, out, cfg, family, overwrite, protect))
     inputs = M.inputs(data, model)
     config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
     fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs}
-    with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
-        checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint)
-        checkpoints.check()
+    with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
+        checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint) if D.world() == 1 else None
+        if checkpoints is not None:
+            checkpoints.check()
         adapter = open_model(model, bench, family, dtype)
-        log = finetune(adapter, bench, cfg, progress=progress, checkpoints=checkpoints)
+        log = finetune(adapter, bench, cfg, progress=progress and D.is_main(), checkpoints=checkpoints)
         V.check_finite_weights(dict(adapter.model.named_parameters()))
         export(adapter, tmp, merge=True)
         record = {"command": "finetune", "data": str(Path(data).resolve()), "base_model": model,
                   "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   "config": C.to_dict(cfg), "log": log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_json(tmp / RUN_FILE, record)
-        M.write_manifest(tmp, "finetune", C.to_dict(cfg), cfg.seed, inputs, t0)
+        if D.world() > 1:
+            record["processes"] = D.world()
+        if D.is_main():
+            write_json(tmp / RUN_FILE, record)
+            M.write_manifest(tmp, "finetune", C.to_dict(cfg), cfg.seed, inputs, t0)
     return record
 
 
+def _validate_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: str | None, overwrite: bool,
+                       protect: tuple[str, ...]) -> Benchmark:
+    bench, _ = V.check_data(data)
+    if not training_examples(bench):
+        raise DataError(f"{Path(data) / 'examples.jsonl'}: no examples with purpose 'train' to fine-tune on")
+    V.check_model(model, family)
+    check_output_dir(out, overwrite, protect)
+    parts = D.world() * cfg.gradient_accumulation
+    if cfg.batch_size % parts:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split into {parts} equal micro-batches "
+                          f"({D.world()} processes x gradient_accumulation {cfg.gradient_accumulation}); "
+                          f"use a multiple of {parts}")
+    return bench
+
+
 def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
-    """Save an ordinary model directory; a LoRA model is merged, or saved as a PEFT adapter if merge=False."""
+    """Save an ordinary model directory; a LoRA model is merged, or saved as a PEFT adapter if merge=False.
+    With several processes only rank 0 writes (a sharded model is gathered first, by every rank)."""
     from peft import PeftModel
 
     model = adapter.model
@@ -95,26 +112,30 @@ def export(adapter: ModelAdapter, out: Path, merge: bool = True) -> None:
         if merge:
             adapter.model = model.merge_and_unload()
         else:
-            model.save_pretrained(out)
-            adapter.processor.save_pretrained(out)
+            if D.is_main():
+                model.save_pretrained(out)
+                adapter.processor.save_pretrained(out)
             return
-    adapter.save(out)
+    if zero3.requested():  # DeepSpeed ZeRO-3: every rank takes part in gathering the 16-bit weights
+        full = zero3.full_state(adapter.model)
+        if D.is_main():
+            adapter.unwrapped().save_pretrained(out, state_dict=full, safe_serialization=True)
+            adapter.processor.save_pretrained(out)
+    elif is_sharded(adapter.model):  # FSDP2: every rank takes part in gathering the whole weights
+        full = full_state(adapter.model, adapter.model.state_dict())
+        if D.is_main():
+            adapter.model.save_pretrained(out, state_dict=full, safe_serialization=True)
+            adapter.processor.save_pretrained(out)
+    elif D.is_main():
+        adapter.save(out)
 
 
 def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None, progress: bool = True,
                  dtype: str = "auto") -> dict:
     """Score ``model`` on every split of ``data``; with ``out``, a results JSON, a Markdown table and a manifest."""
     t_start = time.time()
-    bench, _ = V.check_data(data)
-    bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
-    V.check_model(model, None)
-    if cfg.reference:
-        V.check_model(cfg.reference, None)
-    if out and Path(out).is_dir():
-        raise ConfigError(f"option --out: {out} is a directory; name the results JSON file to write")
-    for p in (model, data, cfg.reference):
-        if out and p and Path(p).is_dir() and Path(out).resolve().is_relative_to(Path(p).resolve()):
-            raise ConfigError(f"option --out: {out} would write into {p}; choose another --out")
+    bench = D.agree(lambda: _validate_evaluate(data, model, cfg, out))
+    progress = progress and D.is_main()
     adapter = open_model(model, bench, dtype=dtype)
     reference = open_model(cfg.reference, bench, dtype=dtype) if cfg.reference else None
     cache = None
@@ -128,6 +149,26 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
            "results": evaluate(adapter, bench, cfg, progress=progress, cache=cache, reference=reference)}
     res["seconds"] = round(time.time() - t0, 1)
     res["cached_units"] = cache.hits if cache else 0
+    D.agree(lambda: _write_evaluation(res, data, model, cfg, out, t_start) if out and D.is_main() else None)
+    return res
+
+
+def _validate_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None) -> Benchmark:
+    bench, _ = V.check_data(data)
+    bench.forget_set(cfg.forget_set)  # fail early on an unknown forget set
+    V.check_model(model, None)
+    if cfg.reference:
+        V.check_model(cfg.reference, None)
+    if out and Path(out).is_dir():
+        raise ConfigError(f"option --out: {out} is a directory; name the results JSON file to write")
+    for p in (model, data, cfg.reference):
+        if out and p and Path(p).is_dir() and Path(out).resolve().is_relative_to(Path(p).resolve()):
+            raise ConfigError(f"option --out: {out} would write into {p}; choose another --out")
+    return bench
+
+
+def _write_evaluation(res: dict, data: str, model: str, cfg: EvalConfig, out: str, t_start: float) -> None:
+    """The results JSON, its Markdown table and the manifest (rank 0 only)."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, res)
@@ -138,7 +179,6 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
         if cfg.reference:
             inputs["reference_model"] = M.inputs(None, cfg.reference)["base_model"]
         M.write_manifest(out, "evaluate", C.to_dict(cfg), None, inputs, t_start, output_files=[Path(out), md])
-    return res
 
 
 def check_manifest(target: str) -> list[str]:

@@ -115,6 +115,43 @@ def atomic_dir(
         raise
 
 
+@contextmanager
+def rank_zero_dir(
+    out: str | Path, overwrite: bool = False, protect: tuple[str | Path, ...] = (), resume: bool = False
+) -> Iterator[Path]:
+    """``atomic_dir`` on rank 0 (the only writer of ``out``); with several processes the other ranks work in a
+    private scratch directory that is removed afterwards, and every rank leaves the block only when all have
+    finished it, with the same error if any rank failed (so rank 0 then removes its temporary directory)."""
+    from mmunlearn import distributed as D
+
+    if D.world() == 1:
+        with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
+            yield tmp
+        return
+    if resume:  # several processes keep no checkpoints (a sharded model's state is spread over the ranks)
+        def refuse() -> None:
+            raise ConfigError("option --resume continues a run on one process; several processes start it afresh")
+
+        D.agree(refuse)  # every rank raises it, rank 0 prints it
+    if D.is_main():
+        cm = atomic_dir(out, overwrite=overwrite, protect=protect)
+    else:
+        cm = tempfile.TemporaryDirectory(prefix=f".mmunlearn-rank{D.rank()}-")
+    with cm as tmp:
+        failure: Exception | None = None
+        try:
+            yield Path(tmp)
+        except Exception as e:  # reported to the other ranks below
+            failure = e
+
+        def finished() -> None:
+            if failure is not None:
+                raise failure
+
+        D.agree(finished)
+    D.barrier()
+
+
 def write_json(path: str | Path, obj: object) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

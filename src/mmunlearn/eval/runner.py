@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from mmunlearn import distributed as D
 from mmunlearn.data.batches import ImageCache, to_items
 from mmunlearn.data.schema import Benchmark, Example
 from mmunlearn.errors import ConfigError
@@ -118,10 +119,10 @@ def evaluate(
     todo = [(s, k) for s in cfg.splits for k in ("vqa", "qa")]
     for split, kind in tqdm(todo, desc="evaluate", disable=not progress, leave=False):
         unit = f"{split}-{kind}"
-        r = cache.get(unit) if cache else None
+        r = cached(cache, unit)
         if r is None:
             r = _score_unit(adapter, bench, bench.select(split, fset, purpose="eval", kind=kind)[: cfg.limit], cfg)
-            if cache:
+            if cache and D.is_main():
                 cache.put(unit, r)
         if r:
             results.setdefault(split, {})[kind] = r
@@ -130,11 +131,11 @@ def evaluate(
         from mmunlearn.eval.judges import make_judge
 
         entities = sorted(bench.forget_set(fset) if isinstance(fset, str) else fset)
-        r = cache.get("mmubench") if cache else None
+        r = cached(cache, "mmubench")
         if r is None:
             r = concept_metrics(adapter, bench, entities, reference, make_judge(cfg.judge), cfg.batch_size,
                                 cfg.max_new_tokens, limit=cfg.limit, paper_exact=cfg.paper_exact)
-            if cache:
+            if cache and D.is_main():
                 cache.put("mmubench", r)
         results["mmubench"] = r
     if "mllmu" in cfg.protocols:
@@ -142,6 +143,14 @@ def evaluate(
     if "clear" in cfg.protocols:
         results["clear"] = clear_summary(results)
     return results
+
+
+def cached(cache: EvalCache | None, unit: str) -> dict | None:
+    """A unit's cached result; with several processes rank 0's look-up (only rank 0 writes the cache), so
+    every rank computes the same units together."""
+    if cache is None:
+        return None
+    return D.broadcast_object(cache.get(unit) if D.is_main() else None)
 
 
 def mllmu_summary(results: dict) -> dict[str, float]:

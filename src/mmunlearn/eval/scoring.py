@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from mmunlearn import distributed as D
 from mmunlearn.data.batches import ImageCache
 from mmunlearn.data.schema import Example
 from mmunlearn.errors import DataError
@@ -59,11 +60,13 @@ def generate_batched(adapter: ModelAdapter, items: Sequence[Item], batch_size: i
     was_training = adapter.model.training
     adapter.model.eval()
     out: list[str] = [""] * len(items)
-    for idx in length_batches(items, batch_size):
+    done: list[int] = []
+    for idx in D.my_batches(length_batches(items, batch_size)):  # all batches on one process
         for i, text in zip(idx, adapter.generate([items[i] for i in idx], max_new_tokens=max_new_tokens)):
             out[i] = text
+        done += idx
     adapter.model.train(was_training)
-    return out
+    return D.gather_indexed(out, done)
 
 
 def token_logprobs(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +85,13 @@ def token_logprobs(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> tup
 def answer_logprobs(adapter: ModelAdapter, items: Sequence[Item], batch_size: int = 32) -> list[list[float]]:
     """Log-prob of every answer token (teacher forcing), per item."""
     out: list[list[float]] = [[] for _ in items]
-    for idx in length_batches(items, batch_size):
+    done: list[int] = []
+    for idx in D.my_batches(length_batches(items, batch_size)):
         lp, mask = token_logprobs(adapter, adapter.encode([items[i] for i in idx]))
         for i, row, m in zip(idx, lp.cpu(), mask.cpu()):
             out[i] = row[m].tolist()
-    return out
+        done += idx
+    return D.gather_indexed(out, done)
 
 
 @torch.no_grad()
@@ -103,17 +108,24 @@ def option_logprobs(
     the joint encoding up to float rounding.
     """
     scores: list[list[float]] = [[0.0] * len(o) for o in options]
-    joint: list[tuple[int, int]] = []
-    for rows in length_batches(prompts, batch_size):
+    batches = list(enumerate(length_batches(prompts, batch_size)))
+    done: list[int] = []
+    later: list[tuple[int, int, int]] = []  # (batch, prompt, option) left to the joint encoding
+    for b, rows in D.my_batches(batches):  # all batches on one process
         pairs = [(k, j) for k in rows for j in range(len(options[k]))]
         ids = adapter.answer_token_ids([Item(prompts[k].prompt, options[k][j], prompts[k].image) for k, j in pairs])
         answers = {pair: a for pair, a in zip(pairs, ids)}
         shared = [k for k in rows if options[k] and all(answers[k, j] is not None for j in range(len(options[k])))]
-        joint += [(k, j) for k in rows if k not in shared for j in range(len(options[k]))]
+        later += [(b, k, j) for k in rows if k not in shared for j in range(len(options[k]))]
         if shared and not _score_shared(adapter, [prompts[k] for k in shared],
                                         [[answers[k, j] for j in range(len(options[k]))] for k in shared],
                                         [scores[k] for k in shared]):
-            joint += [(k, j) for k in shared for j in range(len(options[k]))]
+            later += [(b, k, j) for k in shared for j in range(len(options[k]))]
+        done += rows
+    if D.world() > 1:  # every rank's scores and leftovers, the leftovers in one process's order
+        scores = D.gather_indexed(scores, done)
+        later = sorted((t for part in D.gather_objects(later) for t in part), key=lambda t: t[0])
+    joint = [(k, j) for _, k, j in later]
     items = [Item(prompts[k].prompt, options[k][j], prompts[k].image) for k, j in joint]
     for (k, j), lp in zip(joint, answer_logprobs(adapter, items, batch_size)):
         scores[k][j] = sum(lp)

@@ -75,7 +75,11 @@ def from_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> AnswerS
     labels = inputs.pop("labels")
     inputs.pop("answer_start", None)
     body, head = adapter.backbone_and_head()
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    if adapter.touch_vision and "pixel_values" not in inputs:  # sharded vision tower (train/fsdp.py)
+        with adapter.vision_touched():
+            hidden = body(**inputs, use_cache=False).last_hidden_state
+    else:
+        hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     return select(hidden, labels, head)
 
 

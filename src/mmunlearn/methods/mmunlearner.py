@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmunlearn import distributed as D
 from mmunlearn.data.batches import BatchStream, to_items
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import saliency as S
@@ -199,11 +200,13 @@ class MMUnlearner(Method):
             random.Random(seed).shuffle(order)
             chunks = [order[lo : lo + ctx.batch_size] for lo in range(0, len(order), ctx.batch_size)]
             chunks = chunks[:limit] if limit else chunks
-            batches = (a.encode(to_items([examples[i] for i in c], ctx.images)) for c in chunks)
+            batches = (a.encode(to_items([examples[i] for i in c], ctx.images)) for c in D.my_batches(chunks))
             return S.importance(a, batches, names, ctx.progress, label, official_batches=len(chunks))
         stream = BatchStream(a, examples, ctx.images, ctx.batch_size, seed=seed)
         n = len(stream) if not limit else min(len(stream), limit)
-        return S.importance(a, (next(stream) for _ in range(n)), names, ctx.progress, label)
+        drawn = [stream.next_examples() for _ in range(n)]  # several processes: each scores its share
+        return S.importance(a, (a.encode(to_items(b, ctx.images)) for b in D.my_batches(drawn)), names,
+                            ctx.progress, label)
 
     # ---- schedule and mask -----------------------------------------------------------------------------
     def schedule(self, ctx: Context, steps: int | None, epochs: float | None) -> list[Step]:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mmunlearn import distributed as D
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods.base import Batch, batch_ce
 from mmunlearn.models.base import ModelAdapter
@@ -48,6 +49,8 @@ def importance(
     Gradients flow only into ``names`` during the pass; every parameter's ``requires_grad`` is restored after.
     On a GPU the finished scores move to host memory, so that only the one set being scored holds an fp32
     copy on the device (the mask is then computed on the host and packed to 1 bit per entry).
+    With several processes ``batches`` is this rank's share (``distributed.my_batches``): the sums of squares
+    and the batch count are added over the ranks, so every rank gets the scores of all batches.
     ``official_batches`` = n runs the released loop instead (``data_process/SFRon.py``): the model in train
     mode (dropout on) and F += grad² / n accumulated in the parameter's own dtype.
     """
@@ -84,6 +87,9 @@ def importance(
         for n, p in params.items():
             p.requires_grad_(saved[n])
         model.train(was_training)
+    if D.world() > 1:  # each rank scored its share of the batches: sums and counts over the ranks
+        D.sum_tensors(acc)
+        count = sum(D.gather_objects(count))
     if count == 0:
         raise ConfigError(f"importance ({desc}): no batches to score")
     offload = any(a.is_cuda for a in acc.values())

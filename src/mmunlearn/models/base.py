@@ -7,7 +7,9 @@ in batches and saves ordinary ``save_pretrained`` directories.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -50,6 +52,10 @@ class ModelAdapter:
     block_classes: ClassVar[tuple[str, ...]] = ()
     lm_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj")
+    # set when the vision tower is sharded (FSDP2, ZeRO-3): a batch without images still runs it (on a blank
+    # image, contributing zero), so that every rank gathers the same parameters in the same order
+    touch_vision: bool = False
+    blank_image_side: ClassVar[int | None] = None  # pixels of that blank image (None: the processor's crop size)
 
     def __init__(self, model: torch.nn.Module, processor, path: str | Path | None = None) -> None:
         self.model = model
@@ -209,8 +215,35 @@ class ModelAdapter:
 
     def image_features(self, pixel_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Projected image tokens per image, (n_tokens, hidden) each: what the LM sees of an image."""
-        out = self.model.model.get_image_features(**pixel_inputs)
+        out = self.unwrapped().model.get_image_features(**pixel_inputs)
         return list(out.pooler_output)
+
+    def blank_image_inputs(self) -> dict[str, torch.Tensor]:
+        """The processor's inputs for one black image of the processor's own size (the vision-tower touch)."""
+        crop = getattr(self.processor.image_processor, "crop_size", None) or {}
+        side = self.blank_image_side or int(crop.get("height") or 224)
+        enc = self._process([self.item_text(Item("", "", Image.new("RGB", (side, side))))],
+                            [Image.new("RGB", (side, side))], "right")
+        return self.image_inputs(dict(enc), [0])
+
+    @contextlib.contextmanager
+    def vision_touched(self) -> Iterator[None]:
+        """Within: the input embeddings get ``+ 0 × Σ vision features of a blank image``, so the vision tower
+        runs after the embeddings and before the decoder in the forward, and after the decoder in the backward:
+        the order in which an image batch uses it (what keeps sharded ranks in step)."""
+        emb = self.unwrapped().get_input_embeddings()
+        blank = self.blank_image_inputs()
+
+        def hook(_module, _inputs, out):
+            dev = out.device
+            feats = self.image_features({k: v.to(dev) for k, v in blank.items()})
+            return out + 0.0 * sum(f.sum() for f in feats).to(out.dtype)
+
+        handle = emb.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     # ---- generation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -68,6 +68,7 @@ class Qwen2VLAdapter(ModelAdapter):
     }
     answer_sep = ""
     block_classes = ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
+    blank_image_side = 56  # 2 × 2 merged patches of 14 px: the smallest image the vision tower takes
 
     @property
     def answer_end(self) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +36,10 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from mmunlearn import distributed as D
 from mmunlearn.errors import ConfigError, ModelError, NonFiniteError
 from mmunlearn.models.base import ModelAdapter
+from mmunlearn.train import zero3
 from mmunlearn.train.masks import PackedMask, chunk_entries, mask_gradients, masked_adamw_step
 from mmunlearn.train.sparse import SparseTrainer
 
@@ -46,7 +48,9 @@ CHECKPOINT_ABOVE = 1_000_000_000  # parameters; gradient checkpointing on by def
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MaskLike = torch.Tensor | PackedMask
 MASTER, SPARSE = "master::", "sparse::"  # keys of fp32 masters and sparse entries in a checkpoint
+LOSS = "__loss__"  # the step's loss among the numbers averaged over micro-batches and ranks
 StepFn = Callable[[], tuple[torch.Tensor, dict[str, float]]]
+MicroSteps = StepFn | Sequence[StepFn]
 
 
 @dataclass
@@ -84,6 +88,11 @@ class OptimConfig:
     mask_mode: str = "update"
     gradient_checkpointing: bool | None = None  # None: on above CHECKPOINT_ABOVE parameters
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" the run, or "skip" the step
+    # micro-batches per optimisation step on each process: the step's batch is split into
+    # processes × gradient_accumulation equal parts whose losses are averaged (``distributed.micro_slices``)
+    gradient_accumulation: int = 1
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (``train/fsdp.py``)
+    micro_batch: int = 1  # examples per micro-batch: DeepSpeed's train_micro_batch_size_per_gpu (bookkeeping)
 
     def __post_init__(self) -> None:
         bad = [g for g in (*self.trainable, *self.group_lr) if g not in GROUPS]
@@ -97,6 +106,8 @@ class OptimConfig:
             raise ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ConfigError("lr must be > 0 and max_steps >= 1")
+        if self.gradient_accumulation < 1:
+            raise ConfigError(f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
 
 
 def linear_module_names(adapter: ModelAdapter, groups: tuple[str, ...], suffixes: list[str] | None = None) -> list[str]:
@@ -137,8 +148,13 @@ class Engine:
                  trainable_masks: dict[str, MaskLike] | None = None) -> None:
         self.adapter, self.cfg = adapter, cfg
         torch.manual_seed(seed)
+        self.zero3 = zero3.requested()  # accelerate's DeepSpeed config (``train/zero3.py``)
         # the model trains where the caller placed it, next to any frozen reference the method keeps
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False,
+                                       **({"gradient_accumulation_steps": cfg.gradient_accumulation}
+                                          if self.zero3 else {}))
+        if self.zero3:
+            zero3.check(trainable_masks)
         model = adapter.model
         if cfg.lora is not None:
             if trainable_masks is not None:
@@ -146,13 +162,20 @@ class Engine:
             model = self._wrap_lora(adapter, cfg)
         self.model = model
         self.adapter.model = self.model
+        if cfg.fsdp or self.launched_as("FSDP"):  # --set fsdp=true, or accelerate's FSDP config
+            from mmunlearn.train.fsdp import shard
+
+            if trainable_masks is not None:
+                raise ConfigError("fsdp shards whole weights; trainable masks (sparse state) need the dense weights")
+            shard(adapter)
         self.sparse: SparseTrainer | None = None
         if trainable_masks is not None:
             param_groups, self.param_group_of = self._sparse_groups(trainable_masks)
             self.masters = MasterWeights([])
         else:
             param_groups, self.param_group_of = self._param_groups()
-            self.masters = MasterWeights([p for g in param_groups for p in g["params"]])
+            # DeepSpeed keeps its own fp32 masters
+            self.masters = MasterWeights([] if self.zero3 else [p for g in param_groups for p in g["params"]])
             for g in param_groups:
                 g["params"] = [self.masters.of(p) for p in g["params"]]
         self.optimizer = self.torch_optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr,
@@ -161,13 +184,26 @@ class Engine:
             cfg.scheduler, self.torch_optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
         self.gradient_checkpointing = self._checkpointing(adapter, cfg)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # several processes: every rank keeps the whole model and gradients are averaged after the last
+        # micro-batch (``distributed.average_gradients``); DDP's wrapper is not used because the losses call
+        # the backbone and the LM head separately (answer positions only), which DDP's forward does not see.
+        # Under FSDP2 (``train/fsdp.py``) the sharded parameters reduce their own gradients.
+        self.sharded = any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+        self.replicated = D.world() > 1 and not self.sharded
+        if D.world() == 1:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        elif self.zero3:
+            zero3.prepare(self)
         self.adapter.model = self.model
         self.model.train()
         self.global_step = 0
         trainable = self.trainable_parameters()
         self.mask_chunk = chunk_entries(sum(p.numel() for p in trainable.values()))
         self._masks: tuple[int, dict[torch.Tensor, PackedMask]] | None = None
+
+    def launched_as(self, kind: str) -> bool:
+        """Whether accelerate's configuration asks for this distributed type (FSDP, DEEPSPEED)."""
+        return D.world() > 1 and getattr(self.accelerator.distributed_type, "value", None) == kind
 
     @staticmethod
     def _checkpointing(adapter: ModelAdapter, cfg: OptimConfig) -> bool:
@@ -262,6 +298,9 @@ class Engine:
         silently applies to nothing is the bug this guards against."""
         if self.sparse is not None:
             raise ConfigError("this run trains only its trainable masks' entries; a per-step mask adds nothing")
+        if self.sharded:
+            raise ConfigError("a per-step update mask (MMUnlearner) needs whole weights on every rank; run it data "
+                              "parallel (without fsdp), or on one process")
         out: dict[torch.Tensor, PackedMask] = {}
         for name, m in mask.items():
             _, p = self._parameter(name, m)
@@ -277,13 +316,27 @@ class Engine:
             self._masks = (id(mask), self.resolve_mask(mask))
         return self._masks[1]
 
-    def step(self, fn: StepFn, mask: dict[str, MaskLike] | None = None) -> dict[str, float]:
-        """One optimisation step; ``mask`` maps parameter names to the entries allowed to move."""
+    def step(self, fn: MicroSteps, mask: dict[str, MaskLike] | None = None) -> dict[str, float]:
+        """One optimisation step; ``mask`` maps parameter names to the entries allowed to move.
+
+        ``fn`` is one closure, or one per micro-batch of this process (gradient accumulation): their losses
+        are averaged, and with several processes the gradients and logged numbers are averaged over the ranks.
+        """
+        fns = [fn] if callable(fn) else list(fn)
+        if self.zero3:
+            if mask is not None:
+                zero3.check(None, mask_mode_needs_whole_weights=True)
+            return zero3.step(self, fns)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.accelerator.autocast():
-            loss, logs = fn()
-        self.accelerator.backward(loss)
+        if len(fns) == 1 and D.world() == 1:
+            with self.accelerator.autocast():
+                loss, logs = fns[0]()
+            self.accelerator.backward(loss)
+        else:
+            loss, logs = self._accumulate(fns)
         self.masters.grads_to_master()
+        if self.replicated:
+            D.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         resolved = self._resolved(mask) if mask is not None else None
         if self.cfg.grad_clip:
             grads = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -306,6 +359,28 @@ class Engine:
         logs["loss"] = float(loss.detach())
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
+
+    def _accumulate(self, fns: list[StepFn]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Backward of each micro-batch's loss / #micro-batches; the mean loss and logs over micro-batches and
+        ranks. A failure on any rank stops every rank here with the same error (``distributed.agree``)."""
+        if not fns:
+            raise ConfigError("a training step needs at least one micro-batch")
+
+        def run() -> tuple[list[float], list[dict[str, float]]]:
+            losses, logs = [], []
+            for f in fns:
+                with self.accelerator.autocast():
+                    loss, lg = f()
+                self.accelerator.backward(loss / len(fns) if len(fns) > 1 else loss)
+                losses.append(float(loss.detach()))
+                logs.append(lg)
+            return losses, logs
+
+        losses, logs = D.agree(run)
+        mean = {k: sum(lg[k] for lg in logs) / len(logs) for k in logs[0]}
+        mean[LOSS] = sum(losses) / len(losses)
+        mean = D.mean_over_ranks(mean)
+        return torch.tensor(mean.pop(LOSS), dtype=torch.float64), mean
 
     # ---- numerical guard and resumable state ------------------------------------------------------------
     last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmunlearn import distributed as D
 from mmunlearn.checkpoint import Checkpointer
-from mmunlearn.data.batches import BatchStream, ImageCache
+from mmunlearn.data.batches import BatchStream, ImageCache, to_items
 from mmunlearn.data.schema import KINDS, Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import answer_states as AS
@@ -53,6 +54,10 @@ class FinetuneConfig:
     log_every: int = 50
     save_every: int = 200  # a resumable checkpoint every N steps (0 = only on SIGTERM / Ctrl-C)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: "stop" (nothing saved) or "skip" the step
+    # batch_size is the examples per optimisation step over all processes; each step splits them into
+    # processes × gradient_accumulation equal micro-batches (docs/distributed.md)
+    gradient_accumulation: int = 1
+    fsdp: bool = False  # shard the model over the processes (FSDP2; docs/distributed.md)
     # the oracle ("never saw them"): the same recipe and seed without the training examples of these
     # entities (a forget-set name or a list of entity ids), of the kinds in exclude_kinds
     exclude_forget: str | list[str] | None = None
@@ -79,7 +84,8 @@ class FinetuneConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
             warmup_steps=self.warmup_steps, max_steps=steps or self.steps, trainable=self.trainable, lora=self.lora,
-            on_nonfinite=self.on_nonfinite,
+            on_nonfinite=self.on_nonfinite, gradient_accumulation=self.gradient_accumulation, fsdp=self.fsdp,
+            micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
 
     def main_steps(self, num_examples: int) -> int:
@@ -175,12 +181,14 @@ def align_projector(
     images = [e for e in examples if e.image is not None]
     if cfg.align_steps <= 0 or not images:
         return math.nan
+    main = cfg.optim()
     engine = Engine(adapter, OptimConfig(lr=cfg.align_lr, scheduler="constant", max_steps=cfg.align_steps,
-                                         trainable=("projector",)), seed=cfg.seed)
+                                         trainable=("projector",), gradient_accumulation=main.gradient_accumulation,
+                                         micro_batch=main.micro_batch), seed=cfg.seed)  # unsharded: a projector
     stream = BatchStream(adapter, images, ImageCache(bench), cfg.batch_size, seed=cfg.seed + 1)
     loss = math.nan
     for _ in tqdm(range(cfg.align_steps), desc="align projector", leave=False, disable=not progress):
-        loss = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))["loss"]
+        loss = engine.step(micro_steps(adapter, stream, cfg.gradient_accumulation))["loss"]
     del engine  # its optimizer state; the main stage builds its own
     return float(loss)
 
@@ -189,6 +197,14 @@ def ce_loss(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tens
     """Mean next-token cross-entropy over answer tokens only (labels are -100 elsewhere), with the LM head at
     answer positions only (``methods/answer_states.py``)."""
     return AS.ce(AS.from_batch(adapter, batch))
+
+
+def micro_steps(adapter: ModelAdapter, stream: BatchStream, accumulation: int) -> list:
+    """The step's closures: this process's micro-batches of the stream's next batch (one closure, the whole
+    batch, on one process without accumulation)."""
+    examples = stream.next_examples()
+    parts = [examples[s] for s in D.micro_slices(len(examples), accumulation, "a fine-tuning batch")]
+    return [lambda p=p: (ce_loss(adapter, adapter.encode(to_items(p, stream.images))), {}) for p in parts]
 
 
 def finetune(
@@ -228,7 +244,7 @@ def finetune(
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", disable=not progress)
     with checkpoints.signals() if checkpoints is not None else nullcontext():
         for step in bar:
-            logs = engine.step(lambda: (ce_loss(adapter, next(stream)), {}))
+            logs = engine.step(micro_steps(adapter, stream, cfg.gradient_accumulation))
             if step % cfg.log_every == 0 or step == steps - 1:
                 history.append({"step": step, "loss": logs["loss"] if math.isfinite(logs["loss"]) else None})
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")

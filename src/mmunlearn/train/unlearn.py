@@ -33,6 +33,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mmunlearn import config as C
+from mmunlearn import distributed as D
 from mmunlearn import manifest as M
 from mmunlearn import validate as V
 from mmunlearn.checkpoint import Checkpointer
@@ -45,8 +46,8 @@ from mmunlearn.methods import METHODS, Batches, Context, Method
 from mmunlearn.methods import reference as R
 from mmunlearn.methods.base import Step
 from mmunlearn.models.base import ModelAdapter
-from mmunlearn.outputs import atomic_dir, check_output_dir, write_json
-from mmunlearn.train import recipes
+from mmunlearn.outputs import check_output_dir, rank_zero_dir, write_json
+from mmunlearn.train import recipes, zero3
 from mmunlearn.train.engine import GROUPS, Engine, LoraOptions, OptimConfig
 
 CONFIG_FILE = "unlearn_config.yaml"
@@ -79,6 +80,10 @@ class UnlearnConfig:
     full_parameter: True trains full parameters even where the recipe uses LoRA; False asks for LoRA.
     warmup_steps / warmup_ratio: linear warm-up length, in steps or as a fraction of the run.
     gradient_checkpointing: None = on above 1B parameters.
+    gradient_accumulation: micro-batches per step on each process. ``batch_size`` is the examples per step over
+        all processes: each forget / retain batch splits into processes × gradient_accumulation equal
+        micro-batches whose losses are averaged (docs/distributed.md).
+    fsdp: shard the model over the processes (FSDP2, ``train/fsdp.py``).
     paper_exact: reproduce the official code (docs/paper_exact.md): the method's ``paper_exact`` options are
         forced (a contradicting explicit option is an error) and its ``paper_exact_defaults`` fill unset
         training fields before its tuned defaults do.
@@ -111,6 +116,8 @@ class UnlearnConfig:
     full_parameter: bool | None = None
     gradient_checkpointing: bool | None = None
     paper_exact: bool = False
+    gradient_accumulation: int = 1
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         cls = METHODS.get(self.method)
@@ -139,6 +146,8 @@ class UnlearnConfig:
             raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.full_parameter and self.lora is not None:
             raise ConfigError("full_parameter=true and lora options contradict each other; set one")
+        if self.gradient_accumulation < 1:
+            raise ConfigError(f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
 
     def resolved(self, recipe: dict[str, Any] | None = None) -> UnlearnConfig:
         """A copy with every unset field filled from ``recipe`` (default: the method's tuned ``defaults``),
@@ -233,10 +242,13 @@ def unlearn(
                   lora=cfg.lora is not None, progress=progress,
                   resume=checkpoints is not None and checkpoints.latest() is not None)
     if method.reference == "logits" and cfg.lora is None:
+        if zero3.requested():
+            raise ConfigError(f"method {cfg.method!r} full-parameter keeps a frozen reference copy, which DeepSpeed "
+                              "ZeRO-3 would hold whole on every GPU; use its LoRA recipe (full_parameter=false)")
         ctx.reference = R.frozen_copy(adapter)
     method.prepare(ctx)
     if method.reference == "sequence_logprobs":
-        ctx.reference = R.precomputed(adapter, encoded_batches(adapter, ctx.forget_data, ctx.images, cfg.batch_size))
+        ctx.reference = precomputed_reference(adapter, ctx.forget_data, ctx.images, cfg.batch_size)
     t_prep = time.time() - t0
     f_stream = BatchStream(adapter, ctx.forget_data, ctx.images, cfg.batch_size, seed=cfg.seed)
     ctx.n_forget_batches = len(f_stream)
@@ -247,12 +259,15 @@ def unlearn(
         r_stream = BatchStream(adapter, ctx.retain_data, images, cfg.batch_size, seed=cfg.seed + 1)
         ctx.n_retain_batches = len(r_stream)
     plan = method.schedule(ctx, cfg.steps, cfg.epochs)
+    if zero3.requested() and any(s.masked for s in plan):
+        zero3.check(None, mask_mode_needs_whole_weights=True)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0) * len(plan))
     engine = Engine(adapter, OptimConfig(
         lr=cfg.lr, group_lr=cfg.group_lr, weight_decay=cfg.weight_decay, scheduler=cfg.scheduler,
         warmup_steps=warmup, max_steps=len(plan), grad_clip=cfg.grad_clip, trainable=cfg.trainable,
         lora=cfg.lora, mask_mode=method.mask_mode(), gradient_checkpointing=cfg.gradient_checkpointing,
-        on_nonfinite=cfg.on_nonfinite,
+        on_nonfinite=cfg.on_nonfinite, gradient_accumulation=cfg.gradient_accumulation, fsdp=cfg.fsdp,
+        micro_batch=max(1, cfg.batch_size // (D.world() * cfg.gradient_accumulation)),
     ), seed=cfg.seed, trainable_masks=method.trainable_masks(ctx))
     ctx.engine = engine
     if method.reference == "logits" and cfg.lora is not None:
@@ -270,7 +285,7 @@ def unlearn(
     with checkpoints.signals() if checkpoints is not None else nullcontext():
         for i in bar:
             step = plan[i]
-            logs = _unlearn_step(ctx, method, engine, step, streams, images)
+            logs = _unlearn_step(ctx, method, engine, step, streams, images, cfg.gradient_accumulation)
             kind = "joint" if step.forget and step.retain else ("forget" if step.forget else "retain")
             history.append({"step": i, "kind": kind, **rounded(logs)})
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
@@ -297,11 +312,23 @@ def unlearn(
     }
 
 
-def encoded_batches(adapter: ModelAdapter, examples: list[Example], images: ImageCache, batch_size: int):
-    """``(examples, encoded batch)`` over ``examples`` in order, ``batch_size`` at a time."""
-    for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo : lo + batch_size]
+def encoded_batches(adapter: ModelAdapter, examples: list[Example], images: ImageCache, batch_size: int,
+                    shard: bool = False):
+    """``(examples, encoded batch)`` over ``examples`` in order, ``batch_size`` at a time (with ``shard``: only
+    this process's share of the batches, ``distributed.my_batches``)."""
+    chunks = [examples[lo : lo + batch_size] for lo in range(0, len(examples), batch_size)]
+    for chunk in D.my_batches(chunks) if shard else chunks:
         yield chunk, adapter.encode(to_items(chunk, images))
+
+
+def precomputed_reference(adapter: ModelAdapter, examples: list[Example], images: ImageCache,
+                          batch_size: int) -> R.Reference:
+    """NPO's log π_ref per forget sequence; with several processes each computes its share of the batches
+    and every process gets all of them."""
+    ref = R.precomputed(adapter, encoded_batches(adapter, examples, images, batch_size, shard=True))
+    if D.world() > 1:
+        ref.logprobs = {k: v for part in D.gather_objects(ref.logprobs) for k, v in part.items()}
+    return ref
 
 
 def rounded(logs: dict[str, float]) -> dict[str, float | None]:
@@ -310,18 +337,32 @@ def rounded(logs: dict[str, float]) -> dict[str, float | None]:
 
 
 def _unlearn_step(ctx: Context, method: Method, engine: Engine, step: Step, streams: dict[str, BatchStream],
-                  images: ImageCache) -> dict[str, float]:
-    """One planned step: draw its forget and/or retain batch, then one engine step (masked if planned)."""
-    adapter = ctx.adapter
-    b = Batches()
-    if step.forget:
-        b.forget_examples = streams["forget"].next_examples()
-        b.forget = adapter.encode(to_items(b.forget_examples, ctx.images))
-    if step.retain:
-        b.retain_examples = streams["retain"].next_examples()
-        b.retain = adapter.encode(to_items(b.retain_examples, images))
+                  images: ImageCache, accumulation: int = 1) -> dict[str, float]:
+    """One planned step: draw its forget and/or retain batch, then one engine step (masked if planned).
+
+    The batches split into this process's micro-batches (``distributed.micro_slices``; the whole batches on one
+    process without accumulation); micro-batch i pairs forget part i with retain part i.
+    """
+    forget = streams["forget"].next_examples() if step.forget else []
+    retain = streams["retain"].next_examples() if step.retain else []
+    f_parts = [forget[s] for s in D.micro_slices(len(forget), accumulation, "a forget batch")] if forget else []
+    r_parts = [retain[s] for s in D.micro_slices(len(retain), accumulation, "a retain batch")] if retain else []
+    n = max(len(f_parts), len(r_parts))
     mask = method.step_mask(ctx, step) if step.masked else None
-    return engine.step(lambda: method.loss(ctx, b), mask)
+
+    def micro(i: int):
+        def fn():
+            b = Batches()
+            if f_parts:
+                b.forget_examples = f_parts[i]
+                b.forget = ctx.adapter.encode(to_items(b.forget_examples, ctx.images))
+            if r_parts:
+                b.retain_examples = r_parts[i]
+                b.retain = ctx.adapter.encode(to_items(b.retain_examples, images))
+            return method.loss(ctx, b)
+        return fn
+
+    return engine.step([micro(i) for i in range(n)], mask)
 
 
 @torch.no_grad()
@@ -351,24 +392,28 @@ def run_unlearn(
 
     t0 = time.time()
     resolved = cfg.resolved()
-    bench = validate_unlearn(data, model, out, resolved, family, overwrite)
+    bench = D.agree(lambda: validate_unlearn(data, model, out, resolved, family, overwrite))
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
     inputs = M.inputs(data, model)
     fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
                    "inputs": inputs}
-    with atomic_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
-        checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint)
-        checkpoints.check()  # a checkpoint of another run is refused before the model is loaded
+    with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
+        checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint) if D.world() == 1 else None
+        if checkpoints is not None:
+            checkpoints.check()  # a checkpoint of another run is refused before the model is loaded
         adapter = cmd.open_model(model, bench, family, dtype)
-        log = unlearn(adapter, bench, cfg, tmp, progress=progress, checkpoints=checkpoints)
-        cmd.export(adapter, tmp, merge=cfg.merge)
+        log = unlearn(adapter, bench, cfg, tmp, progress=progress and D.is_main(), checkpoints=checkpoints)
         record = {"command": "unlearn", "method": cfg.method, "data": str(Path(data).resolve()), "base_model": model,
                   "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
                   **log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_json(tmp / cmd.RUN_FILE, record)
-        resolved_dict = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_dict, sort_keys=False))
-        M.write_manifest(tmp, "unlearn", resolved_dict, cfg.seed, inputs, t0)
+        if D.world() > 1:
+            record["processes"] = D.world()
+        cmd.export(adapter, tmp, merge=cfg.merge)
+        if D.is_main():
+            write_json(tmp / cmd.RUN_FILE, record)
+            resolved_dict = json.loads(json.dumps(log["config"] | {"method_options": log["method_options"]}))
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved_dict, sort_keys=False))
+            M.write_manifest(tmp, "unlearn", resolved_dict, cfg.seed, inputs, t0)
     return record
 
 
@@ -389,4 +434,13 @@ def validate_unlearn(data: str, model: str, out: str, cfg: UnlearnConfig, family
                           f"kinds {cfg.retain_kinds}")
     V.check_model(model, family)
     check_output_dir(out, overwrite, tuple(p for p in (model, data) if Path(p).is_dir()))
+    check_split(cfg.batch_size, cfg.gradient_accumulation)
     return bench
+
+
+def check_split(batch_size: int, accumulation: int) -> None:
+    """A step's batch must split into processes × accumulation equal micro-batches."""
+    parts = D.world() * accumulation
+    if batch_size % parts:
+        raise ConfigError(f"batch_size {batch_size} does not split into {parts} equal micro-batches ({D.world()} "
+                          f"processes x gradient_accumulation {accumulation}); use a multiple of {parts}")
