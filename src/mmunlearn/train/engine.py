@@ -150,7 +150,7 @@ class Engine:
         torch.manual_seed(seed)
         self.zero3 = zero3.requested()  # accelerate's DeepSpeed config (``train/zero3.py``)
         # the model trains where the caller placed it, next to any frozen reference the method keeps
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), device_placement=False,
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available() and not self.zero3, device_placement=False,
                                        **({"gradient_accumulation_steps": cfg.gradient_accumulation}
                                           if self.zero3 else {}))
         if self.zero3:

@@ -43,8 +43,11 @@ def check(trainable_masks: object, mask_mode_needs_whole_weights: bool = False) 
 def prepare(engine: Engine) -> None:
     """Hand model and optimizer to DeepSpeed (through accelerate); the vision tower is touched on text batches."""
     plugin = engine.accelerator.state.deepspeed_plugin
-    if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader to infer it
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = engine.cfg.micro_batch
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader to infer it
+        ds["train_micro_batch_size_per_gpu"] = engine.cfg.micro_batch
+    if ds.get("train_batch_size", "auto") == "auto":  # DeepSpeed checks micro x accumulation x ranks
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * engine.cfg.gradient_accumulation * D.world()
     engine.model, engine.optimizer = engine.accelerator.prepare(engine.model, engine.optimizer)
     engine.adapter.model = engine.model
     engine.adapter.touch_vision = True
@@ -89,7 +92,10 @@ def step(engine: Engine, fns: list[StepFn]) -> dict[str, float]:
 
 def full_state(engine_or_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole 16-bit weights for saving (every rank takes part; needs
-    ``stage3_gather_16bit_weights_on_model_save: true`` in the DeepSpeed config)."""
-    from accelerate import Accelerator
-
-    return Accelerator().get_state_dict(engine_or_model)
+    ``stage3_gather_16bit_weights_on_model_save: true`` in the DeepSpeed config, which accelerate's
+    ``zero3_save_16bit_model: true`` sets). The DeepSpeed engine's own gather, as accelerate's
+    ``get_state_dict`` does it (that needs the accelerator which prepared the model)."""
+    if not engine_or_model.zero_gather_16bit_weights_on_model_save():
+        raise ConfigError("saving a ZeRO-3 model needs zero3_save_16bit_model: true in the accelerate config "
+                          "(stage3_gather_16bit_weights_on_model_save in DeepSpeed's)")
+    return engine_or_model._zero3_consolidated_16bit_state_dict()
