@@ -50,7 +50,7 @@ def test_refusal_tuning_relearns_more_than_the_oracle(demo):
 
 def test_int8_keeps_the_tiny_models_predictions(demo):
     """8-bit RTN keeps the tiny model's multiple-choice predictions. 2-bit is printed, not asserted: the tiny
-    model trained from scratch keeps about 97 % of its predictions even with ternary weights, so the "2 bits
+    model trained from scratch keeps 94-97 % of its predictions even with ternary weights, so the "2 bits
     destroy a model" half of the check runs on the real pretrained model (tests/test_smol.py)."""
     work, _ = demo
     bench = Benchmark.load(os.path.join(work, "data"))
