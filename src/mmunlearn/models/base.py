@@ -45,6 +45,10 @@ class ModelAdapter:
     group_prefixes: ClassVar[dict[str, tuple[str, ...]]]
     # text placed between the assistant header and the answer, and after the answer
     answer_sep: ClassVar[str] = ""
+    # the end-of-turn text that closes an answer (None: the tokenizer's eos) and the tokens generation stops on
+    # (empty: the end of turn alone)
+    turn_end: ClassVar[str | None] = None
+    stop_tokens: ClassVar[tuple[str, ...]] = ()
     # attributes of the *ForConditionalGeneration model: the module returning final hidden states, the LM head
     backbone_attr: ClassVar[str] = "model"
     head_attr: ClassVar[str] = "lm_head"
@@ -94,7 +98,7 @@ class ModelAdapter:
     @property
     def answer_end(self) -> str:
         """Text that closes an answer in training data (the end-of-turn token)."""
-        return self.tokenizer.eos_token
+        return self.turn_end or self.tokenizer.eos_token
 
     # ---- encoding ------------------------------------------------------------------------------------
     def _process(self, texts: list[str], images: list[Image.Image], padding_side: str) -> dict:
@@ -258,7 +262,11 @@ class ModelAdapter:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def stop_token_ids(self) -> list[int]:
-        return [self.tokenizer.convert_tokens_to_ids(self.answer_end)]
+        """The end of turn, or the family's ``stop_tokens`` (those the tokenizer knows)."""
+        if not self.stop_tokens:
+            return [self.tokenizer.convert_tokens_to_ids(self.answer_end)]
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.stop_tokens]
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
 
     def to_device(self, batch: dict) -> dict:
         dev = next(self.model.parameters()).device

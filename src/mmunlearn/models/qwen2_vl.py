@@ -70,14 +70,9 @@ class Qwen2VLAdapter(ModelAdapter):
     block_classes = ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")
     blank_image_side = 56  # 2 × 2 merged patches of 14 px: the smallest image the vision tower takes
 
-    @property
-    def answer_end(self) -> str:
-        return "<|im_end|>"
-
-    def stop_token_ids(self) -> list[int]:
-        """End of turn, and end of text as the published generation configs also stop on it."""
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+    # ChatML: <|im_end|> closes a turn; generation also stops on end of text, as the published configs do
+    turn_end = "<|im_end|>"
+    stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
     @staticmethod
     def load_processor(path: str | Path, **kwargs):

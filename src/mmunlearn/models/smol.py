@@ -213,13 +213,9 @@ class SmolAdapter(LlavaAdapter):
     answer_sep = ""
     block_classes = ("LlamaDecoderLayer", "_MBConv")
 
-    @property
-    def answer_end(self) -> str:
-        return "<|im_end|>"
-
-    def stop_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+    # ChatML: <|im_end|> closes a turn; generation also stops on end of text, as the published configs do
+    turn_end = "<|im_end|>"
+    stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
 
 def image_processor(image_size: int = 224) -> CLIPImageProcessor:
