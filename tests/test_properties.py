@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fixtures_formats import png_bytes, write_mllmu
@@ -135,6 +135,7 @@ def test_damaged_parquet_files(mllmu_src, data):
        value=st.one_of(st.none(), st.text(max_size=10), st.integers(), st.lists(st.text(max_size=5), max_size=2),
                        st.dictionaries(st.sampled_from(["bytes", "path", "Question", "Options"]),
                                        st.text(max_size=5), max_size=2)))
+@example(column="image", value={"bytes": "0"})  # text where bytes belong
 def test_malformed_parquet_records(mllmu_src, column, value):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -183,6 +184,7 @@ def test_random_option_mappings(cls, data):
 
 @FAST
 @given(st.text(max_size=60))
+@example("?")  # a mapping whose only key is null
 def test_random_yaml_files(text):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "c.yaml"

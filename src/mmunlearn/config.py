@@ -71,6 +71,8 @@ def build(cls: type[T], data: dict | None, where: str = "config") -> T:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: option names must be text, got {key!r}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

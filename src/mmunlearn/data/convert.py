@@ -139,6 +139,9 @@ class ImageStore:
 
     def add_bytes(self, data: bytes, where: str) -> str:
         """Store encoded image bytes; ``where`` names the file and field for errors. Returns the relative path."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DataError(f"{where}: image bytes must be binary, got {type(data).__name__}")
+        data = bytes(data)
         key = hashlib.sha256(data).hexdigest()[:24]
         if key in self._by_hash:
             return self._by_hash[key]
