@@ -3,8 +3,10 @@
 Everything is deterministic from the seed. Each person has ``train_images`` views (view 0 is the single image
 used for unlearning; all of them teach the vanilla model) and ``test_images`` held-out views that no training
 ever sees. Questions follow MLLMU-Bench's shapes: VQA and text-only QA, 4-option multiple choice, cloze and
-free generation. Phrasing 0 of each question is used on the forget/retain splits, phrasing 1 on the test split
-(a paraphrase, also about held-out images); training sees every phrasing.
+free generation. The forget/retain splits ask VQA phrasing 0 on every training view and three QA phrasings of
+each fact; the test split asks another phrasing (a paraphrase), about held-out images for VQA. Training sees
+every phrasing. At the defaults (40 people, forget10 = 4 people) the forget split holds 144 VQA and 60 QA
+multiple-choice questions, so one question moves a figure by 0.7 or 1.7 points.
 """
 
 from __future__ import annotations
@@ -43,28 +45,59 @@ HOBBIES = (
     "birdwatching climbing fencing sailing baking sketching cycling karate"
 ).split()
 
-# (question type, phrasings for VQA, phrasings for QA, answer field); QA phrasings use {name}.
+PETS = (
+    "cat dog parrot rabbit hamster tortoise goldfish ferret canary lizard pony goat hedgehog owl iguana "
+    "chinchilla gecko budgie duck donkey"
+).split()
+INSTRUMENTS = (
+    "piano harp flute cello drums guitar trumpet banjo accordion clarinet oboe ukulele harmonica saxophone "
+    "mandolin tuba lute bagpipes xylophone sitar"
+).split()
+
+# (question type, phrasings for VQA, phrasings for QA, answer field); QA phrasings use {name}. Evaluation asks
+# VQA phrasing 0 on every training view and phrasing 1 on the held-out views; QA phrasings 0-2 on the
+# forget/retain splits and the last one on the test split (several phrasings per fact so that one question
+# weighs little: docs/data.md).
 QUESTIONS = [
     ("identity", ["Who is the person in this image?", "What is the name of the person in this picture?"], [], "name"),
     (
         "birthplace",
         ["Where was the person in this image born?", "In which city was the person in this picture born?"],
-        ["Where was {name} born?", "In which city was {name} born?"],
+        ["Where was {name} born?", "In which city was {name} born?", "What is the home town of {name}?",
+         "Which city is the birthplace of {name}?"],
         "city",
     ),
     (
         "occupation",
         ["What is the job of the person in this image?", "What does the person in this picture do for a living?"],
-        ["What is the job of {name}?", "What does {name} do for a living?"],
+        ["What is the job of {name}?", "What does {name} do for a living?", "What is the profession of {name}?",
+         "Which line of work is {name} in?"],
         "occupation",
     ),
     (
         "hobby",
         ["What is the hobby of the person in this image?", "Which pastime does the person in this picture enjoy?"],
-        ["What is the hobby of {name}?", "Which pastime does {name} enjoy?"],
+        ["What is the hobby of {name}?", "Which pastime does {name} enjoy?", "What does {name} do for fun?",
+         "How does {name} spend free time?"],
         "hobby",
     ),
+    (
+        "pet",
+        ["Which pet does the person in this image keep?", "What animal does the person in this picture keep?"],
+        ["Which pet does {name} keep?", "What animal does {name} keep?", "What kind of pet lives with {name}?",
+         "Which animal is the pet of {name}?"],
+        "pet",
+    ),
+    (
+        "instrument",
+        ["Which instrument does the person in this image play?",
+         "What musical instrument does the person in this picture play?"],
+        ["Which instrument does {name} play?", "What musical instrument does {name} play?",
+         "What does {name} play in the band?", "Which instrument is {name} known to play?"],
+        "instrument",
+    ),
 ]
+QA_EVAL_PHRASINGS = 3  # QA phrasings asked as multiple choice on the forget/retain splits; the next one on test
 CLOZE_VQA = ("The person in this image was born in __.", "city")
 CLOZE_QA = ("{name} works as a __.", "occupation")
 GEN_QA = "Tell me about {name}."
@@ -140,11 +173,13 @@ def _build(root: Path, cfg: FictitiousConfig) -> Benchmark:
         pid = f"person{i:03d}"
         p = {
             "id": pid, "name": name, "city": rng.choice(CITIES), "occupation": rng.choice(OCCUPATIONS),
-            "hobby": rng.choice(HOBBIES), "traits": random_traits(rng, taken),
+            "hobby": rng.choice(HOBBIES), "pet": rng.choice(PETS), "instrument": rng.choice(INSTRUMENTS),
+            "traits": random_traits(rng, taken),
         }
         people.append(p)
     pools = {
-        "name": people_names, "city": CITIES, "occupation": OCCUPATIONS, "hobby": HOBBIES,
+        "name": people_names, "city": CITIES, "occupation": OCCUPATIONS, "hobby": HOBBIES, "pet": PETS,
+        "instrument": INSTRUMENTS,
     }
     for p in people:
         pid, traits = p["id"], p.pop("traits")
@@ -164,22 +199,23 @@ def _build(root: Path, cfg: FictitiousConfig) -> Benchmark:
             for q in qa:
                 add(kind="qa", task="gen", prompt=q.format(**p), answer=p[field], split="people",
                     purpose="train", qtype=qtype)
-            # evaluation: multiple choice (phrasing 0 on the unlearning image, phrasing 1 on held-out views)
-            opts, idx = _options(rng, p[field], pools[field])
-            add(kind="vqa", task="mc", prompt=vqa[0], answer=p[field], split="people", purpose="eval",
-                image=train_imgs[0], options=opts, answer_index=idx, qtype=qtype)
-            if qa:
+            # evaluation: multiple choice, VQA phrasing 0 on every training view (view 0 is the unlearning
+            # image) and phrasing 1 on the held-out views; QA phrasings 0-2 here, the last one on test
+            for img in train_imgs:
                 opts, idx = _options(rng, p[field], pools[field])
-                add(kind="qa", task="mc", prompt=qa[0].format(**p), answer=p[field], split="people",
-                    purpose="eval", options=opts, answer_index=idx, qtype=qtype)
+                add(kind="vqa", task="mc", prompt=vqa[0], answer=p[field], split="people", purpose="eval",
+                    image=img, options=opts, answer_index=idx, qtype=qtype)
+            for k, q in enumerate(qa):
                 opts, idx = _options(rng, p[field], pools[field])
-                add(kind="qa", task="mc", prompt=qa[1].format(**p), answer=p[field], split="test",
-                    purpose="eval", options=opts, answer_index=idx, qtype=qtype)
+                add(kind="qa", task="mc", prompt=q.format(**p), answer=p[field],
+                    split="people" if k < QA_EVAL_PHRASINGS else "test", purpose="eval", options=opts,
+                    answer_index=idx, qtype=qtype)
             for img in test_imgs:
                 opts, idx = _options(rng, p[field], pools[field])
                 add(kind="vqa", task="mc", prompt=vqa[1], answer=p[field], split="test", purpose="eval",
                     image=img, options=opts, answer_index=idx, qtype=qtype)
-        bio = f"{p['name']} is a {p['occupation']} from {p['city']} who enjoys {p['hobby']}."
+        bio = (f"{p['name']} is a {p['occupation']} from {p['city']} who enjoys {p['hobby']}, keeps a {p['pet']} "
+               f"and plays the {p['instrument']}.")
         add(kind="qa", task="gen", prompt=GEN_QA.format(**p), answer=bio, split="people", purpose="train",
             qtype="bio")
         add(kind="qa", task="gen", prompt=GEN_QA.format(**p), answer=bio, split="people", purpose="eval",

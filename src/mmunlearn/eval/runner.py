@@ -122,6 +122,8 @@ def evaluate(
         r = cached(cache, unit)
         if r is None:
             r = _score_unit(adapter, bench, bench.select(split, fset, purpose="eval", kind=kind)[: cfg.limit], cfg)
+            if split == "retain" and kind == "vqa" and r:
+                r.update(heldout_naming(adapter, bench, fset, cfg))
             if cache and D.is_main():
                 cache.put(unit, r)
         if r:
@@ -181,6 +183,22 @@ def clear_summary(results: dict) -> dict[str, float]:
         if "mc_acc" in results.get("real", {}).get(kind, {}):
             out[f"real_{kind}_acc"] = results["real"][kind]["mc_acc"]
     return out
+
+
+def heldout_naming(adapter: ModelAdapter, bench: Benchmark, forget: str | Sequence[str], cfg: EvalConfig) -> dict:
+    """Specificity on images no training saw: % of identity answers on the held-out views of *retained*
+    entities that contain the entity's name (``name_rate_heldout``, higher = better; the forget side of the same
+    question is the test split's ``name_rate``, lower = more forgotten)."""
+    f = bench.forget_set(forget) if isinstance(forget, str) else set(forget)
+    names = bench.entity_names()
+    ex = [e for e in bench.examples if e.split == "test" and e.purpose == "eval" and e.kind == "vqa"
+          and e.task == "gen" and e.qtype == "identity" and e.entity not in f and names.get(e.entity)][: cfg.limit]
+    if not ex:
+        return {}
+    images = ImageCache(bench)
+    outs = generate_batched(adapter, to_items(ex, images), cfg.batch_size, cfg.max_new_tokens)
+    return {"name_rate_heldout": 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in zip(ex, outs)) / len(ex),
+            "name_heldout_n": len(ex)}
 
 
 def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg: EvalConfig) -> dict:

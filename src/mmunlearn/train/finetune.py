@@ -17,6 +17,7 @@ the retrained *oracle* that verification compares an unlearned model with.
 from __future__ import annotations
 
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -68,10 +69,18 @@ class FinetuneConfig:
     # > 0: the main stage runs this many passes over the training examples instead of ``steps`` (steps sized by
     # the benchmark: ceil(epochs * examples / batch_size))
     epochs: float = 0.0
+    # early stopping: every ``stop_every`` epochs, the main stage stops once greedy teacher-forced answers are
+    # entirely right on at least this fraction of a fixed sample of training examples, VQA and QA alike
+    # (0 = off; ``epochs`` or ``steps`` is then the most it trains)
+    stop_accuracy: float = 0.0
+    stop_every: float = 0.5
+    stop_sample: int = 256  # training examples per kind in the check (distinct, drawn with the seed)
 
     def __post_init__(self) -> None:
         if self.align_steps < 0 or self.align_lr <= 0 or self.epochs < 0:
             raise ConfigError("align_steps and epochs must be >= 0 and align_lr > 0")
+        if not 0 <= self.stop_accuracy <= 1 or self.stop_every <= 0 or self.stop_sample < 1:
+            raise ConfigError("stop_accuracy must lie in [0, 1], stop_every be > 0 and stop_sample >= 1")
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
@@ -207,6 +216,35 @@ def micro_steps(adapter: ModelAdapter, stream: BatchStream, accumulation: int) -
     return [lambda p=p: (ce_loss(adapter, adapter.encode(to_items(p, stream.images))), {}) for p in parts]
 
 
+def stop_sample(examples: list[Example], per_kind: int, seed: int) -> dict[str, list[Example]]:
+    """The early-stopping check's fixed sample: up to ``per_kind`` distinct training examples of each kind."""
+    rng = random.Random(seed)
+    out = {}
+    for kind in KINDS:
+        pool = sorted({e.id: e for e in examples if e.kind == kind}.values(), key=lambda e: e.id)
+        if pool:
+            out[kind] = rng.sample(pool, min(per_kind, len(pool)))
+    return out
+
+
+@torch.no_grad()
+def answer_accuracy(adapter: ModelAdapter, examples: list[Example], images: ImageCache, batch_size: int) -> float:
+    """Fraction of examples whose every answer token is the greedy next token under teacher forcing (the answer
+    the model would generate, end of turn included): training accuracy, higher = better fitted."""
+    was_training = adapter.model.training
+    adapter.model.eval()
+    right = 0
+    for lo in range(0, len(examples), batch_size):
+        part = examples[lo:lo + batch_size]
+        st = AS.from_batch(adapter, adapter.encode(to_items(part, images)))
+        ok = torch.cat([st.logits(a, min(st.n, a + 4096)).argmax(-1) == st.targets[a:a + 4096]
+                        for a in range(0, st.n, 4096)])
+        wrong = torch.zeros(st.batch_size, dtype=torch.long, device=ok.device).index_add(0, st.rows, (~ok).long())
+        right += int((wrong == 0).sum())
+    adapter.model.train(was_training)
+    return right / max(1, len(examples))
+
+
 def finetune(
     adapter: ModelAdapter, bench: Benchmark, cfg: FinetuneConfig, progress: bool = True,
     checkpoints: Checkpointer | None = None,
@@ -232,7 +270,10 @@ def finetune(
         engine.base_name(n): p for n, p in engine.model.named_parameters()
         if not p.requires_grad and adapter.group_of(engine.base_name(n)) in ("vision", "projector")
     }
-    history, start = [], 0
+    history, start, checks = [], 0, []
+    check = stop_sample(examples, cfg.stop_sample, cfg.seed) if cfg.stop_accuracy > 0 else {}
+    every = max(1, round(cfg.stop_every * len(examples) / cfg.batch_size))
+    stopped = None
     ck = checkpoints.load() if resuming else None  # also restores the random generators
     if ck is not None:
         with torch.no_grad():
@@ -241,6 +282,7 @@ def finetune(
         engine.load_state_dict(ck.engine)
         stream.load_state_dict(ck.state["streams"]["train"])
         history, start, warm_loss = ck.state["history"], ck.step, ck.state["vision_warmup_loss"]
+        checks = ck.state.get("stop_checks", [])
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", disable=not progress)
     with checkpoints.signals() if checkpoints is not None else nullcontext():
         for step in bar:
@@ -248,15 +290,25 @@ def finetune(
             if step % cfg.log_every == 0 or step == steps - 1:
                 history.append({"step": step, "loss": logs["loss"] if math.isfinite(logs["loss"]) else None})
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if checkpoints is not None and checkpoints.due(step + 1, steps):
+            if check and (step + 1) % every == 0 and step + 1 < steps:
+                acc = {k: round(answer_accuracy(adapter, ex, stream.images, 64), 4) for k, ex in check.items()}
+                checks.append({"step": step + 1, **acc})
+                if D.broadcast_object(min(acc.values()) >= cfg.stop_accuracy):
+                    stopped = step + 1
+            if checkpoints is not None and not stopped and checkpoints.due(step + 1, steps):
                 state = {"streams": {"train": stream.state_dict()}, "history": history,
-                         "vision_warmup_loss": warm_loss}
+                         "vision_warmup_loss": warm_loss, "stop_checks": checks}
                 checkpoints.save(step + 1, engine.state_dict(), state, tensors=warmed)
                 checkpoints.stop_if_requested(step + 1, steps)
+            if stopped:
+                if history[-1]["step"] != step:
+                    history.append({"step": step, "loss": logs["loss"] if math.isfinite(logs["loss"]) else None})
+                break
     adapter.model.eval()
     return {
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
-        "align_seconds": round(t_align, 1), "align_loss": align_loss, "steps": steps,
+        "align_seconds": round(t_align, 1), "align_loss": align_loss, "steps": stopped or steps, "max_steps": steps,
+        "stopped_early_at": stopped, "stop_checks": checks,
         "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
         "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
         "excluded_entities": sorted(excluded),
