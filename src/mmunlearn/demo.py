@@ -90,7 +90,7 @@ class DemoConfig:
                 self.verify = VerifyConfig(relearn=[RelearnSetting("full", lr=2e-5)], mia_limit=64)
         if self.fast:
             self.data = FictitiousConfig(seed=self.data.seed, num_people=8, train_images=2, test_images=1)
-            self.finetune.steps = min(self.finetune.steps, 150)
+            self.finetune.steps = min(self.finetune.steps or 150, 150)
             self.finetune.vision_warmup_steps = min(self.finetune.vision_warmup_steps, 100)
             self.eval.forget_set = "forget15"
 

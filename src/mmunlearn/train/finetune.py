@@ -38,7 +38,9 @@ from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 1200
+    # the main stage's length: ``steps`` when > 0, else ``epochs`` passes over the training examples (sized by
+    # the benchmark: ceil(epochs * examples / batch_size)); early stopping (below) may end it sooner
+    steps: int = 0
     batch_size: int = 16
     lr: float = 1e-3
     group_lr: dict[str, float] = field(default_factory=lambda: {"vision": 1e-4})
@@ -47,7 +49,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     trainable: tuple[str, ...] = ("vision", "projector", "language")
     lora: LoraOptions | None = None
-    oversample_text: int = 4
+    oversample_text: int = 3
     vision_warmup_steps: int = 600
     vision_warmup_lr: float = 1e-3
     vision_warmup_batch: int = 64
@@ -66,19 +68,19 @@ class FinetuneConfig:
     # projector-only alignment before the main stage (LLaVA's stage 1) on the image training examples
     align_steps: int = 0
     align_lr: float = 1e-3
-    # > 0: the main stage runs this many passes over the training examples instead of ``steps`` (steps sized by
-    # the benchmark: ceil(epochs * examples / batch_size))
-    epochs: float = 0.0
+    epochs: float = 4.0
     # early stopping: every ``stop_every`` epochs, the main stage stops once greedy teacher-forced answers are
     # entirely right on at least this fraction of a fixed sample of training examples, VQA and QA alike
     # (0 = off; ``epochs`` or ``steps`` is then the most it trains)
-    stop_accuracy: float = 0.0
+    stop_accuracy: float = 0.98
     stop_every: float = 0.5
     stop_sample: int = 256  # training examples per kind in the check (distinct, drawn with the seed)
 
     def __post_init__(self) -> None:
-        if self.align_steps < 0 or self.align_lr <= 0 or self.epochs < 0:
-            raise ConfigError("align_steps and epochs must be >= 0 and align_lr > 0")
+        if self.align_steps < 0 or self.align_lr <= 0 or self.epochs < 0 or self.steps < 0:
+            raise ConfigError("align_steps, steps and epochs must be >= 0 and align_lr > 0")
+        if self.steps == 0 and self.epochs == 0:
+            raise ConfigError("set steps or epochs (> 0): the length of the main fine-tuning stage")
         if not 0 <= self.stop_accuracy <= 1 or self.stop_every <= 0 or self.stop_sample < 1:
             raise ConfigError("stop_accuracy must lie in [0, 1], stop_every be > 0 and stop_sample >= 1")
         self.optim()  # validate groups, learning rate and steps before any work starts
@@ -92,14 +94,14 @@ class FinetuneConfig:
     def optim(self, steps: int | None = None) -> OptimConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
-            warmup_steps=self.warmup_steps, max_steps=steps or self.steps, trainable=self.trainable, lora=self.lora,
+            warmup_steps=self.warmup_steps, max_steps=steps or self.steps or 1, trainable=self.trainable, lora=self.lora,
             on_nonfinite=self.on_nonfinite, gradient_accumulation=self.gradient_accumulation, fsdp=self.fsdp,
             micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
 
     def main_steps(self, num_examples: int) -> int:
         """Steps of the main stage: ``steps``, or ``epochs`` passes over ``num_examples``."""
-        if self.epochs <= 0:
+        if self.steps > 0:
             return self.steps
         return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
 

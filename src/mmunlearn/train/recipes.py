@@ -73,6 +73,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
         "vision_warmup_steps": 0, "align_steps": 40, "align_lr": 1e-3,
         "trainable": ("vision", "projector", "language"), "lr": 1e-4, "group_lr": {"projector": 1e-3, "vision": 1e-4},
         "batch_size": 8, "epochs": 3.0, "warmup_steps": 10, "oversample_text": 2, "log_every": 10,
+        "stop_accuracy": 0.0,
     },
 }
 
