@@ -103,9 +103,11 @@ def test_relearn_split_is_disjoint_from_what_it_measures(small_bench):
     forget = sorted(small_bench.forget_set("forget15"))
     data, measured = attacks.relearn_split(small_bench, forget)
     assert data and measured
-    assert {e.qtype for e in data} == {"birthplace", "identity"}
-    assert {e.qtype for e in measured} == {"hobby", "occupation"}
+    assert {e.qtype for e in data} == {"birthplace", "identity", "occupation"}
+    assert {e.qtype for e in measured} == {"hobby", "instrument", "pet"}
     assert not {e.image for e in data} & {e.image for e in measured}
+    # measured: the unlearning image (view 0) and the held-out views; relearning: the other training views
+    assert {e.image.rsplit("_view", 1)[1] for e in measured if e.split == "people"} == {"0.png"}
     assert {e.entity for e in data} == {e.entity for e in measured} == set(forget)
     assert all(e.purpose == "train" for e in data) and all(e.task == "mc" for e in measured)
 

@@ -82,6 +82,9 @@ class SIUOptions:
         are rejected), as in the paper; otherwise names come from the benchmark's ``unseen_names`` pool.
     non_target_text, non_target_images: samples per forget entity for target 4 (text-only / image questions
         about other entities).
+    non_target_image_qtype: the question type of target 4's image samples (default ``identity``: "who is
+        this?" on another entity's image, answered by the vanilla model, keeps the model naming the people it
+        must not forget); None: any of the entity's image questions.
     max_new_tokens: length of the vanilla model's answers for targets 3 and 4.
     legacy_released_code: the released code's loss (see the module docstring).
     """
@@ -94,6 +97,7 @@ class SIUOptions:
     unseen_images: list[str] = field(default_factory=list)
     non_target_text: int = 5
     non_target_images: int = 2
+    non_target_image_qtype: str | None = None
     max_new_tokens: int = 32
     legacy_released_code: bool = False
 
@@ -218,6 +222,8 @@ def build_siu_data(ctx: Context, opt: SIUOptions) -> list[Example]:
             pool = [e for e in train if e.entity == other and (e.kind == "vqa") == use_image]
             if use_image:
                 pool = [e for e in pool if e.image == first_image(train, other)]
+                typed = [e for e in pool if e.qtype == opt.non_target_image_qtype]
+                pool = typed or pool
             if not pool:
                 continue
             src = rng.choice(pool)

@@ -141,15 +141,22 @@ def relearn_split(bench: Benchmark, forget: Sequence[str], kind: str = "vqa") ->
     """(relearning data, held-out evaluation items) about the forget entities, disjoint by construction.
 
     With at least two question types, relearning gets every other type (sorted names: on the built-in benchmark
-    birthplace and identity) and the other types are measured (hobby, occupation): the attack teaches related
-    facts, never the measured ones. Otherwise the forget entities are split in two and relearning sees the first
-    half only. Relearning uses training examples of ``kind`` whose images no measured item shows.
+    birthplace, identity and occupation) and the other types are measured (hobby, instrument, pet): the attack
+    teaches related facts, never the measured ones. Otherwise the forget entities are split in two and
+    relearning sees the first half only. The measured items are those on each entity's first training image
+    (the unlearning image) and on held-out images; relearning uses training examples of ``kind`` whose images no
+    measured item shows (the other training views).
     """
     train = [e for e in bench.select("forget", forget, purpose="train") if e.kind == kind]
     evals = [e for s in ("forget", "test") for e in bench.select(s, forget, purpose="eval", kind=kind, task="mc")]
     if not train or not evals:
         raise DataError(f"relearning attack: the forget entities have no {kind} training examples or "
                         "multiple-choice questions")
+    first: dict[str, str] = {}
+    for e in train:
+        if e.image is not None:
+            first.setdefault(e.entity, e.image)
+    evals = [e for e in evals if e.image is None or e.split == "test" or e.image == first.get(e.entity)]
     qtypes = sorted({e.qtype for e in train} & {e.qtype for e in evals})
     if len(qtypes) >= 2:
         taught = set(qtypes[0::2])
@@ -160,9 +167,9 @@ def relearn_split(bench: Benchmark, forget: Sequence[str], kind: str = "vqa") ->
         if len(ents) < 2:
             raise DataError("relearning attack: needs two question types or two forget entities to keep the "
                             "relearning data apart from the measured items")
-        first = set(ents[: len(ents) // 2])
-        measured = [e for e in evals if e.entity not in first]
-        data = [e for e in train if e.entity in first]
+        half = set(ents[: len(ents) // 2])
+        measured = [e for e in evals if e.entity not in half]
+        data = [e for e in train if e.entity in half]
     shown = {e.image for e in measured}
     data = [e for e in data if e.image not in shown]
     if not data or not measured:
