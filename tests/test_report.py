@@ -1,5 +1,6 @@
 """The report: Markdown and HTML with the same tables, PNG plots, merging of evaluate files, errors."""
 
+import html
 import json
 import math
 
@@ -166,3 +167,121 @@ def test_report_verification_section(tmp_path, results):
     assert "| vanilla |" not in table.split("### Membership")[0]  # no verification: no row
     assert "(recovery.png)" in md and paths["recovery"].is_file()
     assert "crop MC ≈oracle" in md
+
+
+def _unit(mc: float, mc_n: int, **extra) -> dict:
+    return {"mc_acc": mc, "mc_n": mc_n, **extra}
+
+
+def _bounded(forget_vqa: float, retain_qa: float, retain_qa_n: int, heldout: float | None) -> dict:
+    """A model on the splits the bounds read; retain VQA with identity answers on held-out images."""
+    retain = _unit(90.0 if forget_vqa > 90 else 88.0, 20, name_rate=95.0, gen_n=40)
+    if heldout is not None:
+        retain |= {"name_rate_heldout": heldout, "name_heldout_n": 40}
+    return {"results": {"forget": {"vqa": _unit(forget_vqa, 400), "qa": _unit(97.0, 400)},
+                        "retain": {"vqa": retain, "qa": _unit(retain_qa, retain_qa_n)},
+                        "test": {"vqa": _unit(forget_vqa, 400, name_rate=5.0), "qa": _unit(97.0, 400)}}}
+
+
+@pytest.fixture
+def bounded() -> dict:
+    return {"models": {"vanilla": _bounded(99.0, 98.0, 5000, 100.0),
+                       "mmunlearner": _bounded(50.0, 96.0, 20, 97.5),  # forget VQA 50 > 35: a bound NOT met
+                       "siu": _bounded(25.0, 96.0, 5000, None)}}  # no held-out naming measured
+
+
+def _row(table: str, name: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_heldout_retain_naming_column(tmp_path, bounded):
+    md = write_report(bounded, tmp_path)["markdown"].read_text()
+    table = md.split("## Comparison")[1].split("##")[0]
+    header = _row(table, "method")
+    i = header.index("name held-out retain ↑")
+    assert header[i - 1] == "name retain ↑"
+    assert [_row(table, n)[i] for n in ("vanilla", "mmunlearner", "siu")] == ["100.0", "≈97.5", "–"]
+
+
+def test_noise_marks(tmp_path, bounded):
+    md = write_report(bounded, tmp_path)["markdown"].read_text()
+    table = md.split("## Comparison")[1].split("## Relative")[0]
+    header = _row(table, "method")
+    col = {h: i for i, h in enumerate(header)}
+    van, mmu, siu = (_row(table, n) for n in ("vanilla", "mmunlearner", "siu"))
+    assert "≈" not in "".join(van)  # the reference itself is never marked
+    # retain VQA 88 vs 90 on 20 questions each: within the noise
+    assert mmu[col["retain VQA MC ↑"]] == "≈88.0" and siu[col["retain VQA MC ↑"]] == "≈88.0"
+    # retain QA 96 vs 98: within the noise on 20 questions against 5,000; not on 5,000 against 5,000
+    assert mmu[col["retain QA MC ↑"]] == "≈96.0" and siu[col["retain QA MC ↑"]] == "96.0"
+    # 50 vs 99 on 400 questions: far outside the noise
+    assert mmu[col["forget VQA MC ≈oracle"]] == "50.0"
+    assert mmu[col["forget QA MC ↑"]] == "97.0"  # equal to vanilla's: no difference to mark
+    assert "two-proportion z-test" in table and "p ≥ 0.05" in table
+    rel = md.split("## Relative to vanilla")[1].split("##")[0]
+    assert _row(rel, "mmunlearner")[col["retain QA MC ↑"] - 1] == "≈98.0%"
+    assert _row(rel, "siu")[col["retain QA MC ↑"] - 1] == "98.0%"
+    assert _row(rel, "siu")[col["forget VQA MC ≈oracle"] - 1] == "25.3%"
+    assert "≈: within the noise" in rel
+    # without a question count there is no claim either way
+    del bounded["models"]["mmunlearner"]["results"]["retain"]["vqa"]["mc_n"]
+    table = write_report(bounded, tmp_path)["markdown"].read_text().split("## Comparison")[1].split("##")[0]
+    assert _row(table, "mmunlearner")[col["retain VQA MC ↑"]] == "88.0"
+
+
+def test_no_counts_no_marks_no_caption(tmp_path, results):
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "| npo | default | 40.0 | 35.0 | ≈85.0 | ≈83.0 |" in md  # 85 vs 90 on 20 questions: noise
+    for m in results["models"].values():
+        for split in ("forget", "retain", "test", "utility"):
+            for r in m["results"][split].values():
+                r.pop("mc_n", None)
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "≈" not in md.replace("≈oracle", "") and "two-proportion" not in md
+
+
+def test_bounds_section(tmp_path, bounded):
+    md = write_report(bounded, tmp_path)["markdown"].read_text()
+    section = md.split("## Bounds")[1].split("\n## ")[0]
+    assert _row(section, "mmunlearner")[1:] == ["forget vqa mc_acc ≤ 35", "50.0", "35.0", "NOT met"]
+    assert "| mmunlearner | retain vqa name_rate_heldout ≥ 0.85 × vanilla | 97.5 | 85.0 | met |" in section
+    assert "| siu | retain vqa name_rate_heldout ≥ 0.85 × vanilla | – | 85.0 | not measured |" in section
+    assert "| siu | test vqa name_rate ≤ 10 | 5.0 | 10.0 | met |" in section
+    assert "| vanilla | forget vqa mc_acc ≥ 95 | 99.0 | 95.0 | met |" in section
+    assert "| vanilla | retain vqa mc_acc ≥ 95 | 90.0 | 95.0 | NOT met |" in section
+    assert "**NOT met**: vanilla, mmunlearner." in section
+    # a relative bound without vanilla's value (NaN) cannot be checked
+    bounded["models"]["vanilla"]["results"]["retain"]["qa"]["mc_acc"] = float("nan")
+    section = write_report(bounded, tmp_path)["markdown"].read_text().split("## Bounds")[1]
+    assert "| mmunlearner | retain qa mc_acc ≥ 0.9 × vanilla | 96.0 | – | not measured |" in section
+    # a model's recorded method counts as its name does
+    bounded["models"]["run7"] = {**bounded["models"].pop("siu"), "method": "siu"}
+    assert "| run7 | test vqa name_rate ≤ 10 |" in write_report(bounded, tmp_path)["markdown"].read_text()
+    # a method without bounds has no rows; without vanilla there is no section
+    models = {"vanilla": bounded["models"]["vanilla"], "npo": bounded["models"]["mmunlearner"]}
+    section = write_report({"models": models}, tmp_path)["markdown"].read_text().split("## Bounds")[1]
+    assert "| vanilla |" in section and "| npo |" not in section
+    models = {k: v for k, v in bounded["models"].items() if k != "vanilla"}
+    assert "## Bounds" not in write_report({"models": models}, tmp_path)["markdown"].read_text()
+
+
+def test_not_informative_metrics(tmp_path, results):
+    reason = "the generality answers average 2.0 words (< 8): unique/total words is near 100"
+    results["models"]["vanilla"]["results"]["mmubench"] = {
+        "efficacy_em": 12.5, "diversity": 100.0, "fluency_ppl": 1.0, "answer_words": 2.0,
+        "not_informative": {"diversity": reason, "fluency_ppl": "the original model's answers average 2.0 words"}}
+    paths = write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
+    section = md.split("## Protocol: MMUBench")[1].split("\n## ")[0]
+    header = _row(section, "method")
+    van, npo = _row(section, "vanilla"), _row(section, "npo")
+    assert van[header.index("diversity")] == "n/i" and van[header.index("fluency_ppl")] == "n/i"
+    assert npo[header.index("diversity")] == "55.5"  # not flagged: its number
+    assert van[header.index("efficacy_em")] == "12.5" and van[header.index("answer_words")] == "2.00"
+    assert "not_informative" not in header
+    assert f"- **n/i** vanilla, `diversity`: {reason.replace('<', '&lt;')}" in section
+    assert "original model's answers average 2.0 words" in section
+    assert "not informative on this benchmark" in section
+    page = paths["html"].read_text()
+    assert '<td class="n">n/i</td>' in page and html.escape(reason) in page

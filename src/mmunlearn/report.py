@@ -24,7 +24,14 @@ from mmunlearn.outputs import read_json_object
 
 MISSING = "–"
 SPLITS = ("forget", "retain", "test", "utility")
-PERCENT_METRICS = {"mc_acc", "gen_em", "name_rate", "cloze_acc"}
+PERCENT_METRICS = {"mc_acc", "gen_em", "name_rate", "name_rate_heldout", "cloze_acc"}
+# The number of questions behind each percentage, for the noise marks (the first key present counts). name_rate:
+# the identity answers when counted apart, else every generation of the unit (on the built-in benchmark every VQA
+# generation is an identity question).
+COUNTS = {"mc_acc": ("mc_n",), "cloze_acc": ("cloze_n",), "gen_em": ("gen_n",), "name_rate": ("name_n", "gen_n"),
+          "name_rate_heldout": ("name_heldout_n",)}
+NOISE = "≈"  # marks a value within the noise of vanilla's
+NOT_INFORMATIVE = "n/i"
 PROTOCOL_NAMES = {"mmubench": "MMUBench", "mllmu": "MLLMU-Bench", "clear": "CLEAR"}
 REFERENCE = "vanilla"
 
@@ -40,6 +47,7 @@ MAIN_COLUMNS = [
     ("utility", "vqa", "mc_acc", "utility VQA MC", "↑"), ("utility", "qa", "mc_acc", "utility QA MC", "↑"),
     ("forget", "vqa", "name_rate", "name forget", FORGET), ("test", "vqa", "name_rate", "name test", FORGET),
     ("retain", "vqa", "name_rate", "name retain", "↑"),
+    ("retain", "vqa", "name_rate_heldout", "name held-out retain", "↑"),
     ("forget", "vqa", "cloze_acc", "cloze forget VQA", FORGET), ("forget", "qa", "cloze_acc", "cloze forget QA", "↑"),
     ("forget", "qa", "gen_rougeL", "ROUGE-L forget QA", "↑"), ("retain", "qa", "gen_rougeL", "ROUGE-L retain", "↑"),
     ("retain", "qa", "gen_ppl", "ppl retain QA", "↓"),
@@ -82,7 +90,7 @@ def _entry(m: dict, path: str, i: int) -> dict:
     if not isinstance(results, dict) or not isinstance(history, list):
         raise DataError(f"results item {i}: model {path or '?'} needs 'results' as an object and 'history' as a list")
     return {"path": str(path), "results": results, "history": history, "seconds": m.get("seconds"),
-            "mode": mode_of(m), "verification": m.get("verification")}
+            "mode": mode_of(m), "verification": m.get("verification"), "method": m.get("method")}
 
 
 def mode_of(m: dict) -> str:
@@ -175,6 +183,34 @@ def _get(model: dict, split: str, kind: str, metric: str) -> float | None:
     return _num(r.get(metric)) if isinstance(r, dict) else None
 
 
+def _count(model: dict, split: str, kind: str, metric: str) -> int | None:
+    """The number of questions behind a percentage (``COUNTS``), or None when not recorded."""
+    r = model["results"].get(split)
+    r = r.get(kind) if isinstance(r, dict) else None
+    for key in COUNTS.get(metric, ()):
+        n = r.get(key) if isinstance(r, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def within_noise_of(model: dict, ref: dict, split: str, kind: str, metric: str) -> bool:
+    """True when the model's percentage differs from the reference's by no more than noise: a two-proportion
+    z-test on the two single values and their question counts (``eval.noise.within_noise``, p ≥ 0.05). False when
+    a value or a count is missing (no count, no claim) and for equal values (no difference to explain)."""
+    from mmunlearn.eval.noise import within_noise
+
+    v, r = _get(model, split, kind, metric), _get(ref, split, kind, metric)
+    n_v, n_r = _count(model, split, kind, metric), _count(ref, split, kind, metric)
+    if v is None or r is None or n_v is None or n_r is None or v == r:
+        return False
+    return within_noise([v], [r], n_v, n_r)
+
+
+def _mark(cell: str, noisy: bool) -> str:
+    return f"{NOISE}{cell}" if noisy and cell != MISSING else cell
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dicts to dotted keys; lists (samples) are dropped."""
     out: dict[str, Any] = {}
@@ -233,14 +269,21 @@ class Image:
 Block = Heading | Para | Bullets | Table | Image
 
 
+def _noisy(models: dict[str, dict], name: str, col: tuple, ref: str = REFERENCE) -> bool:
+    return name != ref and ref in models and within_noise_of(models[name], models[ref], *col[:3])
+
+
 def _main_table(models: dict[str, dict], cols: list[tuple]) -> Table:
+    """One row per model; a value within the noise of vanilla's is prefixed with ``NOISE``."""
     return Table(["method", "mode"] + [f"{c[3]} {c[4]}" for c in cols],
-                 [[name, m.get("mode", "default")] + [_fmt(_get(m, *c[:3]), c[2]) for c in cols]
+                 [[name, m.get("mode", "default")]
+                  + [_mark(_fmt(_get(m, *c[:3]), c[2]), _noisy(models, name, c)) for c in cols]
                   for name, m in models.items()])
 
 
 def relative_to(models: dict[str, dict], cols: list[tuple], ref: str = REFERENCE) -> Table:
-    """Each method's metric as % of the reference model's value (missing, or reference 0, gives "–")."""
+    """Each method's metric as % of the reference model's value (missing, or reference 0, gives "–"); a value
+    within the noise of the reference's is prefixed with ``NOISE``."""
     rows = []
     for name, m in models.items():
         if name == ref:
@@ -248,21 +291,83 @@ def relative_to(models: dict[str, dict], cols: list[tuple], ref: str = REFERENCE
         cells = []
         for c in cols:
             v, r = _get(m, *c[:3]), _get(models[ref], *c[:3])
-            cells.append(MISSING if v is None or not r else f"{100 * v / r:.1f}%")
+            cells.append(MISSING if v is None or not r else _mark(f"{100 * v / r:.1f}%", _noisy(models, name, c, ref)))
         rows.append([name] + cells)
     return Table(["method"] + [f"{c[3]} {c[4]}" for c in cols], rows)
 
 
+def _any_noise_mark(models: dict[str, dict], cols: list[tuple]) -> bool:
+    return any(_noisy(models, n, c) for n in models for c in cols)
+
+
+NOISE_NOTE = (f"{NOISE} before a value: within the noise of the vanilla model's value, a two-proportion z-test on "
+              "the two percentages and their numbers of questions (p ≥ 0.05): the difference could be the "
+              "questions' noise alone. Only percentages with a recorded question count are tested; no mark "
+              "means a significant difference, no difference at all, or no count.")
+
+
+def bounds_section(models: dict[str, dict], ref: str = REFERENCE) -> list[Block]:
+    """Each bound of ``eval.bounds.BOUNDS`` for every model whose method (or name) has bounds, checked against
+    the reference model of the same report; nothing when no model has bounds or there is no reference."""
+    from mmunlearn.eval.bounds import BOUNDS
+
+    if ref not in models:
+        return []
+    vanilla = _clean_results(models[ref])
+    rows = []
+    for name, m in models.items():
+        method = str(m.get("method") or name).lower()
+        results = _clean_results(m)
+        for bound in BOUNDS.get(method, ()):
+            r = bound.check(results, vanilla)
+            verdict = "not measured" if r["ok"] is None else ("met" if r["ok"] else "NOT met")
+            label = r["bound"].replace("<=", "≤").replace(">=", "≥")
+            rows.append([name, label, _fmt(r["value"], bound.metric), _fmt(r["limit"], bound.metric), verdict])
+    if not rows:
+        return []
+    failed = sorted({r[0] for r in rows if r[4] == "NOT met"}, key=list(models).index)
+    return [Heading(2, "Bounds"),
+            Para(["What each method must achieve on the built-in benchmark (", ("mmunlearn.eval.bounds", "code"),
+                  "), checked against this report's vanilla model: a relative limit is the fraction × vanilla's "
+                  "value. ", ("NOT met", "bold"), ": " + (", ".join(failed) if failed else "none") + "."]),
+            Table(["model", "bound", "value", "limit", "result"], rows)]
+
+
+def _clean_results(model: dict) -> dict:
+    """split -> kind -> metric with only finite numbers (what ``eval.bounds`` reads; NaN is not measured)."""
+    out: dict = {}
+    for split, kinds in model["results"].items():
+        if split in SPLITS and isinstance(kinds, dict):
+            for kind, r in kinds.items():
+                if isinstance(r, dict):
+                    out.setdefault(split, {})[kind] = {k: x for k, v in r.items() if (x := _num(v)) is not None}
+    return out
+
+
+def _not_informative(v: Any) -> dict[str, str]:
+    """A protocol result's ``not_informative`` (metric -> reason), e.g. MMUBench's fluency on short answers."""
+    ni = v.get("not_informative") if isinstance(v, dict) else None
+    return {str(k): str(r) for k, r in ni.items()} if isinstance(ni, dict) else {}
+
+
+def _protocol_cell(flat: dict[str, Any], why: dict[str, str], k: str) -> str:
+    return NOT_INFORMATIVE if k in why and k in flat else _fmt(flat.get(k), k.rsplit(".", 1)[-1])
+
+
 def _protocol_sections(models: dict[str, dict]) -> list[Block]:
-    """Every top-level results key that is not a split, as its own methods x metrics table."""
+    """Every top-level results key that is not a split, as its own methods x metrics table. A metric the
+    results mark not informative shows as ``NOT_INFORMATIVE``, its reason below the table."""
     keys: list[str] = []
     for m in models.values():
         keys += [k for k in m["results"] if k not in SPLITS and k not in keys]
     blocks: list[Block] = []
     for key in keys:
-        flat = {}
+        flat, why = {}, {}
         for name, m in models.items():
             v = m["results"].get(key)
+            why[name] = _not_informative(v)
+            if isinstance(v, dict):
+                v = {k: x for k, x in v.items() if k != "not_informative"}
             flat[name] = _flatten(v) if isinstance(v, dict) else ({} if v is None else {key: v})
         metrics: list[str] = []
         for f in flat.values():
@@ -272,12 +377,15 @@ def _protocol_sections(models: dict[str, dict]) -> list[Block]:
         blocks.append(Heading(2, f"Protocol: {PROTOCOL_NAMES.get(key.lower(), key)}"))
         if len(metrics) > 10 and len(metrics) > len(models):  # wide: one row per metric instead
             blocks.append(Table(["metric"] + list(models),
-                                [[k] + [_fmt(flat[n].get(k), k.rsplit(".", 1)[-1]) for n in models]
-                                 for k in metrics]))
+                                [[k] + [_protocol_cell(flat[n], why[n], k) for n in models] for k in metrics]))
         else:
             blocks.append(Table(["method"] + metrics,
-                                [[n] + [_fmt(flat[n].get(k), k.rsplit(".", 1)[-1]) for k in metrics]
-                                 for n in models]))
+                                [[n] + [_protocol_cell(flat[n], why[n], k) for k in metrics] for n in models]))
+        notes = [[(NOT_INFORMATIVE, "bold"), f" {n}, ", (k, "code"), f": {r}"]
+                 for n in models for k, r in why[n].items() if k in flat[n]]
+        if notes:
+            blocks += [Para([(NOT_INFORMATIVE, "bold"), " = not informative on this benchmark: the value is kept in "
+                             "the results but cannot tell models apart, for the reason given."]), Bullets(notes)]
     return blocks
 
 
@@ -463,7 +571,9 @@ def build_blocks(merged: dict, title: str) -> list[Block]:
         [("forget", "bold"), ": the entities to forget; ", ("test", "bold"), ": the same entities on held-out "
          "images and paraphrased questions (does forgetting generalise?); ", ("retain", "bold"),
          ": all other entities; ", ("utility", "bold"), ": shapes, colours and general facts."],
-        [("name", "bold"), ": % of identity answers that contain the person's name."],
+        [("name", "bold"), ": % of identity answers that contain the person's name; ",
+         ("name held-out retain", "bold"), ": the same on held-out images of the retained people (images no "
+         "training saw), the specificity that multiple choice does not show."],
         [("cloze", "bold"), ": % of fill-in answers that contain the ground truth; ", ("ROUGE-L", "bold"),
          ": F1 in [0, 1] of text-only generations against the reference; ", ("ppl", "bold"),
          ": perplexity of the reference answers (↓ = lower is better; on retain, the language kept)."],
@@ -475,12 +585,17 @@ def build_blocks(merged: dict, title: str) -> list[Block]:
          " = not measured."],
     ])]
     blocks += [Heading(2, "Comparison"), _main_table(models, cols) if cols else Para(["No split metrics found."])]
+    marks = bool(cols) and _any_noise_mark(models, cols)
+    if marks:
+        blocks.append(Para([NOISE_NOTE]))
     if REFERENCE in models and len(models) > 1 and cols:
         blocks += [Heading(2, "Relative to vanilla"),
                    Para(["Each metric as % of the vanilla model's value (100% = unchanged). ", FORGET,
                          " columns should fall to the oracle's level (chance-level MC is 25 / vanilla), ↑ columns "
-                         "should stay near 100%."]),
+                         "should stay near 100%."] + ([f" {NOISE}: within the noise of vanilla's value, as in the "
+                                                        "comparison table."] if marks else [])),
                    relative_to(models, cols)]
+    blocks += bounds_section(models)
     plots: list[tuple[str, str, bytes | None]] = [
         ("methods_bars.png", "grouped bars: methods on key metrics", plot_bars(models, cols)),
         ("tradeoff.png", "forget vs retain trade-off", plot_tradeoff(models)),
@@ -569,10 +684,10 @@ def _html_inline(parts: list[Inline]) -> str:
 
 def _is_numeric_cell(s: str) -> bool:
     try:
-        float(s.rstrip("%"))
+        float(s.removeprefix(NOISE).rstrip("%"))
         return True
     except ValueError:
-        return s == MISSING
+        return s in (MISSING, NOT_INFORMATIVE)
 
 
 def render_html(blocks: list[Block], title: str) -> str:
