@@ -88,7 +88,7 @@ def run_config(out: Path, c: dict[str, str], seed: int, finetune_sets: list[str]
     if method is None:
         return
     for point in grid:
-        name = ",".join(point) or "defaults"
+        name = ",".join([*unlearn_sets, *point]) or "defaults"
         run = root / "runs" / method / name
         if (run / "eval.json").is_file():
             continue

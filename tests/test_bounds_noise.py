@@ -32,6 +32,7 @@ def test_every_method_with_bounds_checks_specificity():
     for method in ("mmunlearner", "siu"):
         metrics = {(b.split, b.kind, b.metric) for b in BOUNDS[method]}
         assert ("retain", "vqa", "name_rate") in metrics and ("retain", "vqa", "name_rate_heldout") in metrics
+        assert ("retain", "qa", "gen_rougeL") in metrics
     assert check("ga", res(), res()) == []  # no bounds: nothing to check
     assert len(check("vanilla", res(), None)) == 6
 

@@ -235,6 +235,12 @@ def test_siu_data_file_targets_and_token_mask(world, tmp_path: Path) -> None:
             assert e.target_phrase is None and e.answer
     # one image per forget entity
     assert len({e.image for e in ctx.forget_data if e.qtype in ("identity", "recognition")}) == len(forget)
+    # target 4's image samples ask who another (retained) person is, on that person's first image
+    from mmunlearn.data.fictitious import QUESTIONS
+
+    others = [e for e in ctx.forget_data if e.qtype == "other" and e.image]
+    assert others and all(e.prompt in QUESTIONS[0][1] for e in others)
+    assert not {e.image.split("_view")[0].rsplit("/", 1)[1] for e in others} & set(forget)
     # the token mask covers exactly the target phrase's tokens (image tokens expanded)
     ex = [e for e in ctx.forget_data if e.target_phrase][:6]
     enc = adapter.encode(to_items(ex, ctx.images))

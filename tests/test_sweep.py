@@ -18,7 +18,7 @@ def results(fv, fq, rv, rq, name=100.0, held=100.0, mc_n=40):
     return {"results": {
         "forget": {"vqa": unit(fv), "qa": unit(fq)},
         "retain": {"vqa": {**unit(rv), "name_rate": name, "gen_n": 30, "name_rate_heldout": held,
-                           "name_heldout_n": 90}, "qa": unit(rq)},
+                           "name_heldout_n": 90}, "qa": {**unit(rq), "gen_rougeL": rq / 100}},
         "test": {"vqa": {**unit(fv), "name_rate": 0.0, "gen_n": 12}, "qa": unit(fq)},
     }}
 

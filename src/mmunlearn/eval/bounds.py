@@ -3,7 +3,8 @@ and the report check, each relative to the vanilla model or absolute.
 
 Specificity is part of every method's bounds: an unlearned model must still name the people it was not asked to
 forget, on their unlearning-time images (``retain`` VQA identity answers) and on held-out images
-(``name_rate_heldout``), not only keep their multiple choice.
+(``name_rate_heldout``), and still describe them in free text (``retain`` QA generation ROUGE-L), not only keep
+their multiple choice.
 """
 
 from __future__ import annotations
@@ -48,16 +49,19 @@ def _keep(split: str, kind: str, metric: str, fraction: float) -> Bound:
     return Bound(split, kind, metric, ">=", fraction, relative=True)
 
 
-RETAIN_NAMING = (_keep("retain", "vqa", "name_rate", 0.85), _keep("retain", "vqa", "name_rate_heldout", 0.85))
+# specificity: naming the retained people (their unlearning-time image, their held-out images) and describing
+# them in free text (ROUGE-L of the "Tell me about <name>" biography), each kept at 85 % of vanilla
+SPECIFICITY = (_keep("retain", "vqa", "name_rate", 0.85), _keep("retain", "vqa", "name_rate_heldout", 0.85),
+               _keep("retain", "qa", "gen_rougeL", 0.85))
 VANILLA = tuple(Bound(s, k, "mc_acc", ">=", 95.0) for s in ("forget", "retain", "test") for k in ("vqa", "qa"))
 BOUNDS: dict[str, tuple[Bound, ...]] = {
     "vanilla": VANILLA,
     "mmunlearner": (
         Bound("forget", "vqa", "mc_acc", "<=", 35.0), _keep("forget", "qa", "mc_acc", 0.85),
-        _keep("retain", "vqa", "mc_acc", 0.9), _keep("retain", "qa", "mc_acc", 0.9), *RETAIN_NAMING,
+        _keep("retain", "vqa", "mc_acc", 0.9), _keep("retain", "qa", "mc_acc", 0.9), *SPECIFICITY,
     ),
     "siu": (
-        Bound("test", "vqa", "name_rate", "<=", 10.0), _keep("retain", "vqa", "mc_acc", 0.9), *RETAIN_NAMING,
+        Bound("test", "vqa", "name_rate", "<=", 10.0), _keep("retain", "vqa", "mc_acc", 0.9), *SPECIFICITY,
         _keep("forget", "qa", "mc_acc", 0.85),
     ),
 }

@@ -96,8 +96,8 @@ class SIUOptions:
     image_dir: str | None = None
     unseen_images: list[str] = field(default_factory=list)
     non_target_text: int = 5
-    non_target_images: int = 2
-    non_target_image_qtype: str | None = None
+    non_target_images: int = 6
+    non_target_image_qtype: str | None = "identity"
     max_new_tokens: int = 32
     legacy_released_code: bool = False
 

@@ -68,7 +68,7 @@ class FinetuneConfig:
     # projector-only alignment before the main stage (LLaVA's stage 1) on the image training examples
     align_steps: int = 0
     align_lr: float = 1e-3
-    epochs: float = 4.0
+    epochs: float = 12.0
     # early stopping: every ``stop_every`` epochs, the main stage stops once greedy teacher-forced answers are
     # entirely right on at least this fraction of a fixed sample of training examples, VQA and QA alike
     # (0 = off; ``epochs`` or ``steps`` is then the most it trains)
@@ -255,7 +255,7 @@ def finetune(
 
     With ``checkpoints``, training continues from its latest checkpoint (if any) and saves new ones.
     """
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     excluded = excluded_entities(bench, cfg.exclude_forget)
     examples = training_examples(bench, cfg.oversample_text, excluded, cfg.exclude_kinds)
     resuming = checkpoints is not None and checkpoints.latest() is not None
@@ -311,7 +311,8 @@ def finetune(
         "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
         "align_seconds": round(t_align, 1), "align_loss": align_loss, "steps": stopped or steps, "max_steps": steps,
         "stopped_early_at": stopped, "stop_checks": checks,
-        "train_seconds": round(time.time() - t0, 1), "history": history, "num_examples": len(examples),
+        "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "threads": torch.get_num_threads(), "history": history, "num_examples": len(examples),
         "skipped_steps": list(engine.skipped), "resumed_at_step": start if ck is not None else None,
         "excluded_entities": sorted(excluded),
     }
