@@ -10,8 +10,13 @@ examples are repeated ``oversample_text`` times because each person has far more
 With a ``Checkpointer`` the run saves every ``save_every`` steps and on SIGTERM / Ctrl-C, and continues from
 its latest checkpoint (the warm-up is not repeated: what it changed outside the engine is in the checkpoint).
 
-With ``exclude_forget`` the same recipe (steps, seed, schedule) runs without a forget set's training examples:
-the retrained *oracle* that verification compares an unlearned model with.
+The main stage is sized by the benchmark: up to ``epochs`` passes over the examples, stopped early once the
+model answers a fixed sample of training examples (VQA and QA alike) right by greedy teacher forcing
+(``stop_accuracy``): text-only facts are the slow part, and how many passes they need grows with the number of
+people (docs/builtin.md). With several processes every rank scores the same sample and rank 0 decides.
+
+With ``exclude_forget`` the same recipe (length, stopping rule, seed, schedule) runs without a forget set's
+training examples: the retrained *oracle* that verification compares an unlearned model with.
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ class FinetuneConfig:
     def optim(self, steps: int | None = None) -> OptimConfig:
         return OptimConfig(
             lr=self.lr, group_lr=self.group_lr, weight_decay=self.weight_decay, scheduler=self.scheduler,
-            warmup_steps=self.warmup_steps, max_steps=steps or self.steps or 1, trainable=self.trainable, lora=self.lora,
+            warmup_steps=self.warmup_steps, max_steps=steps or self.steps or 1, trainable=self.trainable,
+            lora=self.lora,
             on_nonfinite=self.on_nonfinite, gradient_accumulation=self.gradient_accumulation, fsdp=self.fsdp,
             micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
