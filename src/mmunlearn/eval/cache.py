@@ -30,11 +30,16 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+# What a unit holds; part of every key, so results cached before a unit gained metrics (e.g. the retain VQA
+# unit's held-out naming, MMUBench's informative flags) are computed again rather than reused without them.
+LAYOUT = 2
+
+
 class EvalCache:
     """One JSON file per evaluated unit under ``root/<key>/``; writes are atomic."""
 
     def __init__(self, root: str | Path, *key_parts: Any) -> None:
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([LAYOUT, *key_parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.dir = Path(root) / key
         self.hits = 0
 
