@@ -144,8 +144,8 @@ def relearn_split(bench: Benchmark, forget: Sequence[str], kind: str = "vqa") ->
     birthplace, identity and occupation) and the other types are measured (hobby, instrument, pet): the attack
     teaches related facts, never the measured ones. Otherwise the forget entities are split in two and
     relearning sees the first half only. The measured items are those on each entity's first training image
-    (the unlearning image) and on held-out images; relearning uses training examples of ``kind`` whose images no
-    measured item shows (the other training views).
+    (the unlearning image) and on images no training example shows (held-out views); relearning uses training
+    examples of ``kind`` whose images no measured item shows (the other training views).
     """
     train = [e for e in bench.select("forget", forget, purpose="train") if e.kind == kind]
     evals = [e for s in ("forget", "test") for e in bench.select(s, forget, purpose="eval", kind=kind, task="mc")]
@@ -156,7 +156,9 @@ def relearn_split(bench: Benchmark, forget: Sequence[str], kind: str = "vqa") ->
     for e in train:
         if e.image is not None:
             first.setdefault(e.entity, e.image)
-    evals = [e for e in evals if e.image is None or e.split == "test" or e.image == first.get(e.entity)]
+    trained = {e.image for e in train if e.image is not None}
+    # questions on training views other than the first are left out, so those views stay available to relearn
+    evals = [e for e in evals if e.image not in trained or e.image == first.get(e.entity)]
     qtypes = sorted({e.qtype for e in train} & {e.qtype for e in evals})
     if len(qtypes) >= 2:
         taught = set(qtypes[0::2])
