@@ -9,8 +9,8 @@ through the CLI only, into one table with the methods' bounds checked (``mmunlea
 A configuration is ``people=N,forget=NAME`` (optionally ``views=N``, training views per person); each seed
 makes its own benchmark (``make-data --set seed=S``), vanilla model and unlearned models, all with that seed.
 Everything already computed under ``--out`` is reused, so calls add to one sweep (``--finetune-set`` options only
-apply where a vanilla model is trained: give a new ``--out`` to compare fine-tuning recipes). Per configuration the table
-gives vanilla and every method × grid point as mean ± sd over the seeds; "≈" marks a value within the noise of
+apply where a vanilla model is trained: give a new ``--out`` to compare fine-tuning recipes). Per configuration
+the table gives vanilla and every method × grid point as mean ± sd over the seeds; "≈" marks a value within the noise of
 vanilla's (``mmunlearn.eval.noise``), and "bounds" counts the seeds on which every bound of the method holds.
 The summary ranks each method's grid points by the configurations on which they meet all bounds.
 """
