@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mmunlearn.eval.bounds import BOUNDS, check
 from mmunlearn.eval.noise import mean_sd, within_noise
+from mmunlearn.report import COUNTS
 
 COLUMNS = [  # (split, kind, metric, label)
     ("forget", "vqa", "mc_acc", "forget VQA MC"), ("forget", "qa", "mc_acc", "forget QA MC"),
@@ -35,7 +36,6 @@ COLUMNS = [  # (split, kind, metric, label)
     ("test", "vqa", "name_rate", "name held-out forget"), ("retain", "vqa", "name_rate", "name retain"),
     ("retain", "vqa", "name_rate_heldout", "name held-out retain"), ("retain", "qa", "gen_rougeL", "ROUGE-L retain QA"),
 ]
-COUNTS = {"mc_acc": "mc_n", "name_rate": "gen_n", "name_rate_heldout": "name_heldout_n"}
 EVAL_SETS = ["protocols=[]", "splits=[forget,retain,test,utility]"]
 CONFIG_KEYS = {"people": "num_people", "views": "train_images"}
 
@@ -130,7 +130,7 @@ def _values(runs: dict[int, dict], split: str, kind: str, metric: str) -> tuple[
         r = rec["results"].get(split, {}).get(kind, {})
         if isinstance(r.get(metric), (int, float)):
             vals.append(float(r[metric]))
-            n = r.get(COUNTS.get(metric, ""), n)
+            n = next((r[k] for k in COUNTS.get(metric, ()) if isinstance(r.get(k), int)), n)
     return vals, n
 
 

@@ -26,6 +26,7 @@ def test_absolute_and_relative_bounds():
     assert keep.check(res(forget__qa__mc_acc=67.9), vanilla)["ok"] is False
     assert keep.check(res(forget__qa__mc_acc=90.0), None)["ok"] is None  # no vanilla: not measured
     assert keep.check(res(), vanilla)["ok"] is None
+    assert keep.check(res(forget__qa__mc_acc=float("nan")), vanilla)["ok"] is None  # NaN: not measured
 
 
 def test_every_method_with_bounds_checks_specificity():

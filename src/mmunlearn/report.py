@@ -313,13 +313,12 @@ def bounds_section(models: dict[str, dict], ref: str = REFERENCE) -> list[Block]
 
     if ref not in models:
         return []
-    vanilla = _clean_results(models[ref])
+    vanilla = models[ref]["results"]
     rows = []
     for name, m in models.items():
         method = str(m.get("method") or name).lower()
-        results = _clean_results(m)
         for bound in BOUNDS.get(method, ()):
-            r = bound.check(results, vanilla)
+            r = bound.check(m["results"], vanilla)
             verdict = "not measured" if r["ok"] is None else ("met" if r["ok"] else "NOT met")
             label = r["bound"].replace("<=", "≤").replace(">=", "≥")
             rows.append([name, label, _fmt(r["value"], bound.metric), _fmt(r["limit"], bound.metric), verdict])
@@ -331,17 +330,6 @@ def bounds_section(models: dict[str, dict], ref: str = REFERENCE) -> list[Block]
                   "), checked against this report's vanilla model: a relative limit is the fraction × vanilla's "
                   "value. ", ("NOT met", "bold"), ": " + (", ".join(failed) if failed else "none") + "."]),
             Table(["model", "bound", "value", "limit", "result"], rows)]
-
-
-def _clean_results(model: dict) -> dict:
-    """split -> kind -> metric with only finite numbers (what ``eval.bounds`` reads; NaN is not measured)."""
-    out: dict = {}
-    for split, kinds in model["results"].items():
-        if split in SPLITS and isinstance(kinds, dict):
-            for kind, r in kinds.items():
-                if isinstance(r, dict):
-                    out.setdefault(split, {})[kind] = {k: x for k, v in r.items() if (x := _num(v)) is not None}
-    return out
 
 
 def _not_informative(v: Any) -> dict[str, str]:

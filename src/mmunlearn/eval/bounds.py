@@ -9,6 +9,7 @@ their multiple choice.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,13 @@ class Bound:
 
 
 def _get(results: dict, split: str, kind: str, metric: str) -> float | None:
-    v = results.get(split, {}).get(kind, {}).get(metric)
-    return float(v) if isinstance(v, (int, float)) else None
+    """A finite number, else None (missing, not a number, NaN or inf: not measured)."""
+    r = results.get(split)
+    r = r.get(kind) if isinstance(r, dict) else None
+    v = r.get(metric) if isinstance(r, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def _keep(split: str, kind: str, metric: str, fraction: float) -> Bound:
