@@ -197,8 +197,12 @@ def heldout_naming(adapter: ModelAdapter, bench: Benchmark, forget: str | Sequen
         return {}
     images = ImageCache(bench)
     outs = generate_batched(adapter, to_items(ex, images), cfg.batch_size, cfg.max_new_tokens)
-    return {"name_rate_heldout": 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in zip(ex, outs)) / len(ex),
-            "name_heldout_n": len(ex)}
+    return {"name_rate_heldout": name_rate(list(zip(ex, outs)), names), "name_heldout_n": len(ex)}
+
+
+def name_rate(answers: list[tuple[Example, str]], names: dict) -> float:
+    """% of (question, answer) pairs whose answer names the question's entity (higher = still recognised)."""
+    return 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in answers) / len(answers)
 
 
 def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg: EvalConfig) -> dict:
@@ -239,7 +243,7 @@ def _score_unit(adapter: ModelAdapter, bench: Benchmark, ex: list[Example], cfg:
             r["gen_ppl"] = metrics.perplexity([v for row in lps for v in row])
             ident = [(e, o) for e, o in g if e.qtype == "identity" and names.get(e.entity)]
             if ident:
-                r["name_rate"] = 100 * sum(metrics.mentions(o, names[e.entity]) for e, o in ident) / len(ident)
+                r["name_rate"] = name_rate(ident, names)
         if c:
             r["cloze_acc"] = metrics.cloze_accuracy([o for _, o in c], [e.answer for e, _ in c])
             r["cloze_n"] = len(c)

@@ -245,8 +245,9 @@ def answer_accuracy(adapter: ModelAdapter, examples: list[Example], images: Imag
     for lo in range(0, len(examples), batch_size):
         part = examples[lo:lo + batch_size]
         st = AS.from_batch(adapter, adapter.encode(to_items(part, images)))
-        ok = torch.cat([st.logits(a, min(st.n, a + 4096)).argmax(-1) == st.targets[a:a + 4096]
-                        for a in range(0, st.n, 4096)])
+        size = st.chunk_size(AS.vocab_size(st))  # the losses' chunks: no (positions, V) tensor beyond one
+        ok = torch.cat([st.logits(a, min(st.n, a + size)).argmax(-1) == st.targets[a:a + size]
+                        for a in range(0, st.n, size)])
         wrong = torch.zeros(st.batch_size, dtype=torch.long, device=ok.device).index_add(0, st.rows, (~ok).long())
         right += int((wrong == 0).sum())
     adapter.model.train(was_training)
