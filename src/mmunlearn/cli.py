@@ -183,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(summary(args.target))
     elif args.command == "demo":
-        from mmunlearn.demo import DemoConfig, run_demo
+        from mmunlearn.demo import DemoConfig, defaults, run_demo
 
-        cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast, "model": args.model})
+        cfg = C.load(DemoConfig, args.config, args.set, base={"fast": args.fast, "model": args.model, **defaults()})
         report = run_demo(args.workdir, cfg, progress=progress)
         print(f"report: {report}")
     return 0
