@@ -3,7 +3,7 @@
 import torch
 
 from mmunlearn.commands import RUN_FILE
-from mmunlearn.demo import Workers, _evaluate_job
+from mmunlearn.demo import Workers, _evaluate_job, _finetune_job
 from mmunlearn.eval.runner import EvalConfig
 from mmunlearn.outputs import read_json_object
 from mmunlearn.train.finetune import FinetuneConfig
@@ -18,21 +18,23 @@ def test_jobs_run_side_by_side_and_the_threads_are_restored(small_bench, tmp_pat
                                 FinetuneConfig(**cfg, exclude_forget="forget15", exclude_kinds=("vqa",)))}
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the side-by-side path needs two threads to share out
+    (vout, vcfg), (oout, ocfg) = jobs.values()
     try:
         with Workers() as workers:
             assert workers.pool is not None
-            recs = workers.finetunes(str(small_bench.root), "tiny", jobs, progress=False)
+            oracle = workers.submit(_finetune_job, str(small_bench.root), "tiny", oout, ocfg)
+            recs = {"finetune": workers.here(_finetune_job, str(small_bench.root), "tiny", vout, vcfg),
+                    "finetune_oracle": oracle.result()}
             assert torch.get_num_threads() == 2
-            # jobs in the pool come back by name, in the order given
-            ev = workers.map(_evaluate_job, {n: (str(small_bench.root), out, EvalConfig(**EVAL))
-                                              for n, (out, _) in jobs.items()}, "evaluate", progress=False)
+            ev = {n: workers.submit(_evaluate_job, str(small_bench.root), out, EvalConfig(**EVAL))
+                  for n, (out, _) in jobs.items()}
+            ev = {n: f.result() for n, f in ev.items()}
     finally:
         torch.set_num_threads(before)
     assert set(recs) == set(jobs)
     assert recs["finetune"]["log"]["threads"] == 1 and recs["finetune_oracle"]["log"]["threads"] == 1
     assert recs["finetune"]["log"]["excluded_entities"] == []
     assert recs["finetune_oracle"]["log"]["excluded_entities"] == sorted(small_bench.forget_set("forget15"))
-    assert list(ev) == list(jobs)
     for name in jobs:
         assert 0 <= ev[name]["results"]["forget"]["vqa"]["mc_acc"] <= 100
     for out, _ in jobs.values():  # each written to its own directory, in full
@@ -51,3 +53,27 @@ def test_demo_options_merge_into_the_demos_benchmark_size():
     assert (smol.data.num_people, smol.eval.forget_set) == (8, "forget15")
     explicit = C.load(DemoConfig, None, ["data.num_people=40", "eval.forget_set=forget10"], base=defaults())
     assert (explicit.data.num_people, explicit.eval.forget_set) == (40, "forget10")
+
+
+def test_the_fast_demo_runs_every_stage_through_the_pool(tmp_path):
+    """The whole pipeline on the reduced configuration, with two threads so that the jobs go through the pool:
+    every model is evaluated and verified, the report is written, and a second call reuses everything."""
+    from mmunlearn.demo import DemoConfig, run_demo
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = DemoConfig(fast=True, methods=("ga", "mmunlearner"))
+        cfg.finetune.steps, cfg.finetune.vision_warmup_steps = 20, 10
+        report = run_demo(tmp_path, cfg, progress=False)
+        res = read_json_object(tmp_path / "results.json", what="results")
+        again = run_demo(tmp_path, cfg, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert report.is_file() and again == report
+    assert list(res["models"]) == ["vanilla", "oracle", "ga", "mmunlearner"]
+    for name, m in res["models"].items():
+        assert "forget" in m["results"] and m["verification"]["verdict"], name
+    for key in ("finetune", "finetune_oracle", "unlearn_ga", "unlearn_mmunlearner", "verify_oracle"):
+        assert key in res["timings_seconds"]
+    assert "finetune" not in read_json_object(tmp_path / "results.json", what="results")["timings_seconds"]

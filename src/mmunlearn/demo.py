@@ -10,6 +10,7 @@ over). Writes ``<workdir>/report.md`` and ``report.html`` (for people, with plot
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,10 @@ def _threads(n: int) -> None:
 
 
 class Workers:
-    """Where the demo's independent jobs run: on a CPU with n >= 2 threads, two spawned processes of n // 2
-    threads each (the tiny model's matrices are too small for a second thread to speed one job up, so two jobs
-    at one thread each take about the time of one); elsewhere (a GPU, several processes, one thread) here, one
-    after the other. Jobs are module-level functions of picklable arguments."""
+    """Where the demo's jobs run: on a CPU with n >= 2 threads, two spawned processes of n // 2 threads each (the
+    tiny model's matrices are too small for a second thread to speed one job up, so two jobs at one thread each
+    take about the time of one); elsewhere (a GPU, several processes, one thread) here, one after the other, each
+    as it is submitted. Jobs are module-level functions of picklable arguments."""
 
     def __init__(self) -> None:
         import torch
@@ -112,42 +113,25 @@ class Workers:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def map(self, fn, jobs: dict[str, tuple], desc: str, progress: bool) -> dict[str, Any]:
-        """``{name: fn(*args)}`` for ``jobs = {name: args}``; the first failure is raised."""
-        bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
-        out = {}
-        with bar:
-            if self.pool is None:
-                for name, args in jobs.items():
-                    out[name] = fn(*args)
-                    bar.update()
-                return out
-            from concurrent.futures import as_completed
+    def submit(self, fn, *args) -> Future:
+        """``fn(*args)`` in the pool (queued in submission order), or here and now."""
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f
 
-            futures = {self.pool.submit(fn, *args): name for name, args in jobs.items()}
-            for f in as_completed(futures):
-                out[futures[f]] = f.result()
-                bar.update()
-        return {name: out[name] for name in jobs}
-
-    def finetunes(self, data: str, model: str, jobs: dict[str, tuple[str, FinetuneConfig]],
-                  progress: bool) -> dict[str, dict]:
-        """The fine-tunes' run records by job name. With the pool, the first job runs here (with its progress
-        bar) on the other half of the threads while the others run in the pool."""
-        items = list(jobs.items())
-        if self.pool is None or len(items) < 2:
-            return {name: cmd.run_finetune(data, model, out, c, overwrite=True, progress=progress)
-                    for name, (out, c) in items}
+    def here(self, fn, *args):
+        """``fn(*args)`` in this process while the pool works: on the threads the pool leaves free."""
         import torch
 
-        (first, (out1, c1)), rest = items[0], items[1:]
-        futures = {name: self.pool.submit(_finetune_job, data, model, out, c) for name, (out, c) in rest}
+        if self.pool is None:
+            return fn(*args)
         torch.set_num_threads(self.threads - self.threads // 2)
         try:
-            recs = {first: cmd.run_finetune(data, model, out1, c1, overwrite=True, progress=progress)}
+            return fn(*args)
         finally:
             torch.set_num_threads(self.threads)
-        return recs | {name: f.result() for name, f in futures.items()}
 
 
 # ---- the demo's jobs (module-level, so that a spawned worker can run them) ------------------------------------
@@ -236,45 +220,60 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
     timings: dict[str, float] = {}
     oracle = work / "oracle"
     d, v = str(data), str(vanilla)
-    with Workers() as workers:
-        jobs = {}
-        if not (vanilla / cmd.RUN_FILE).is_file():
-            jobs["finetune"] = (v, cfg.finetune)
+    models: dict[str, dict] = {"vanilla": {"path": v}}
+    if cfg.oracle:
+        models["oracle"] = {"path": str(oracle)}
+    methods = {m: work / "unlearned" / m for m in cfg.methods}
+    models |= {m: {"path": str(out)} for m, out in methods.items()}
+    ecfg = C.build(EvalConfig, {**C.to_dict(cfg.eval), "reference": v})
+    vcfg = C.build(VerifyConfig, {**C.to_dict(cfg.verify), "forget_set": cfg.eval.forget_set})
+    todo = [m for m, out in methods.items() if not (out / cmd.RUN_FILE).is_file()]
+    bar = tqdm(total=len(todo) + len(models) + (len(models) + 2) * cfg.oracle, desc="unlearn, evaluate, verify",
+               disable=not progress)
+
+    def done(f: Future):
+        out = f.result()
+        bar.update()
+        return out
+
+    # The oracle trains in the pool while the vanilla model trains here; every job that needs only the vanilla
+    # model (unlearning, evaluations) starts as soon as it is there, the oracle's own jobs once it is.
+    with Workers() as workers, bar:
+        oracle_f = None
         if cfg.oracle and not (oracle / cmd.RUN_FILE).is_file():
-            jobs["finetune_oracle"] = (str(oracle), C.build(FinetuneConfig, {
-                **C.to_dict(cfg.finetune), "exclude_forget": cfg.eval.forget_set, "exclude_kinds": ORACLE_EXCLUDES}))
-        for name, rec in workers.finetunes(d, cfg.model, jobs, progress).items():
-            timings[name] = rec["log"]["train_seconds"]
-        models: dict[str, dict] = {"vanilla": {"path": v}}
+            ocfg = C.build(FinetuneConfig, {**C.to_dict(cfg.finetune), "exclude_forget": cfg.eval.forget_set,
+                                            "exclude_kinds": ORACLE_EXCLUDES})
+            oracle_f = workers.submit(_finetune_job, d, cfg.model, str(oracle), ocfg)
+        if not (vanilla / cmd.RUN_FILE).is_file():
+            rec = workers.here(cmd.run_finetune, d, cfg.model, v, cfg.finetune, None, True, progress)
+            timings["finetune"] = rec["log"]["train_seconds"]
+        unlearn_f = {m: workers.submit(_unlearn_job, d, v, str(out), C.build(UnlearnConfig, {
+            "method": m, "forget_set": cfg.eval.forget_set, **cfg.method_overrides.get(m, {})},
+            f"method_overrides.{m}")) for m, out in methods.items() if m in todo}
+        eval_f = {"vanilla": workers.submit(_evaluate_job, d, v, ecfg)}
+        for m, f in unlearn_f.items():
+            timings[f"unlearn_{m}"] = done(f)
+            eval_f[m] = workers.submit(_evaluate_job, d, models[m]["path"], ecfg)
+        for m in methods:
+            eval_f.setdefault(m, workers.submit(_evaluate_job, d, models[m]["path"], ecfg))
         if cfg.oracle:
-            models["oracle"] = {"path": str(oracle)}
-        unlearn = {}
-        for method in cfg.methods:
-            out = work / "unlearned" / method
-            models[method] = {"path": str(out)}
-            if not (out / cmd.RUN_FILE).is_file():
-                unlearn[f"unlearn_{method}"] = (d, v, str(out), C.build(UnlearnConfig, {
-                    "method": method, "forget_set": cfg.eval.forget_set, **cfg.method_overrides.get(method, {})},
-                    f"method_overrides.{method}"))
-        timings.update(workers.map(_unlearn_job, unlearn, "unlearn", progress))
-        for method in cfg.methods:
-            run = read_json_object(work / "unlearned" / method / cmd.RUN_FILE, what="run record")
-            models[method]["history"] = run.get("history", [])
-        ecfg = C.build(EvalConfig, {**C.to_dict(cfg.eval), "reference": v})
-        evaluated = workers.map(_evaluate_job, {name: (d, m["path"], ecfg) for name, m in models.items()},
-                                "evaluate", progress)
-        for name, res in evaluated.items():
+            if oracle_f is not None:
+                timings["finetune_oracle"] = oracle_f.result()["log"]["train_seconds"]
+            eval_f["oracle"] = workers.submit(_evaluate_job, d, str(oracle), ecfg)
+            # vanilla and the oracle are measured once, side by side, for every model's comparison
+            measure_f = {p: workers.submit(_measure_job, p, d, vcfg) for p in (v, str(oracle))}
+        for name in models:
+            res = done(eval_f[name])
             models[name].update(results=res["results"], mode=res["mode"])
             timings[f"evaluate_{name}"] = res["seconds"]
+        for m in methods:
+            models[m]["history"] = read_json_object(methods[m] / cmd.RUN_FILE, what="run record").get("history", [])
         if cfg.oracle:
-            vcfg = C.build(VerifyConfig, {**C.to_dict(cfg.verify), "forget_set": cfg.eval.forget_set})
-            # vanilla and the oracle are measured once, side by side, for every model's comparison
-            measured = workers.map(_measure_job, {p: (p, d, vcfg) for p in (v, str(oracle))}, "measure", progress)
-            done = workers.map(_verify_job, {name: (m["path"], d, v, str(oracle), vcfg, measured)
-                                             for name, m in models.items()}, "verify", progress)
-            for name, (res, seconds) in done.items():
-                models[name]["verification"] = res
-                timings[f"verify_{name}"] = seconds
+            measured = {p: done(f) for p, f in measure_f.items()}
+            verify_f = {name: workers.submit(_verify_job, m["path"], d, v, str(oracle), vcfg, measured)
+                        for name, m in models.items()}
+            for name, f in verify_f.items():
+                models[name]["verification"], timings[f"verify_{name}"] = done(f)
     timings["total"] = round(time.time() - t0, 1)
     results = {
         "version": RESULTS_VERSION,
