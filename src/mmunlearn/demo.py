@@ -121,15 +121,15 @@ class Workers:
         f.set_result(fn(*args))
         return f
 
-    def here(self, fn, *args):
-        """``fn(*args)`` in this process while the pool works: on the threads the pool leaves free."""
+    def here(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in this process while the pool works: on the threads the pool leaves free."""
         import torch
 
         if self.pool is None:
-            return fn(*args)
+            return fn(*args, **kwargs)
         torch.set_num_threads(self.threads - self.threads // 2)
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             torch.set_num_threads(self.threads)
 
@@ -245,7 +245,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
                                             "exclude_kinds": ORACLE_EXCLUDES})
             oracle_f = workers.submit(_finetune_job, d, cfg.model, str(oracle), ocfg)
         if not (vanilla / cmd.RUN_FILE).is_file():
-            rec = workers.here(cmd.run_finetune, d, cfg.model, v, cfg.finetune, None, True, progress)
+            rec = workers.here(cmd.run_finetune, d, cfg.model, v, cfg.finetune, overwrite=True, progress=progress)
             timings["finetune"] = rec["log"]["train_seconds"]
         unlearn_f = {m: workers.submit(_unlearn_job, d, v, str(out), C.build(UnlearnConfig, {
             "method": m, "forget_set": cfg.eval.forget_set, **cfg.method_overrides.get(m, {})},
@@ -254,8 +254,9 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
         for m, f in unlearn_f.items():
             timings[f"unlearn_{m}"] = done(f)
             eval_f[m] = workers.submit(_evaluate_job, d, models[m]["path"], ecfg)
-        for m in methods:
-            eval_f.setdefault(m, workers.submit(_evaluate_job, d, models[m]["path"], ecfg))
+        for m in methods:  # those unlearned by an earlier call
+            if m not in eval_f:
+                eval_f[m] = workers.submit(_evaluate_job, d, models[m]["path"], ecfg)
         if cfg.oracle:
             if oracle_f is not None:
                 timings["finetune_oracle"] = oracle_f.result()["log"]["train_seconds"]
