@@ -134,15 +134,20 @@ def _values(runs: dict[int, dict], split: str, kind: str, metric: str) -> tuple[
     return vals, n
 
 
-def cell(vals: list[float], n: int | None, ref: tuple[list[float], int | None] | None) -> str:
+def cell(vals: list[float], n: int | None, ref: tuple[list[float], int | None] | None, digits: int = 1) -> str:
+    """mean (± sd over seeds) with ``digits`` decimals; "≈" where within the noise of ``ref``'s values."""
     if not vals:
         return "–"
     m, sd = mean_sd(vals)
-    digits = 3 if max(abs(v) for v in vals) <= 1.0 and m != 0 else 1
     text = f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(vals) > 1 else "")
     if ref is not None and ref[0] and within_noise(vals, ref[0], n, ref[1]) and vals != ref[0]:
         text = "≈ " + text
     return text
+
+
+def _digits(metric: str) -> int:
+    """ROUGE lies in [0, 1]; accuracies and name rates are in %."""
+    return 3 if metric.startswith("gen_rouge") else 1
 
 
 def bounds_cell(method: str, runs: dict[int, dict], vanilla: dict[int, dict]) -> tuple[str, list[str]]:
@@ -176,7 +181,8 @@ def render(out: Path) -> str:
         for name, runs in rows.items():
             method = name.split(" ")[0]
             ref = None if name == "vanilla" else vanilla
-            cells = [cell(*_values(runs, *c[:3]), _values(ref, *c[:3]) if ref else None) for c in COLUMNS]
+            cells = [cell(*_values(runs, *c[:3]), _values(ref, *c[:3]) if ref else None, digits=_digits(c[2]))
+                     for c in COLUMNS]
             b, failed = bounds_cell(method, runs, vanilla)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {b} |")
             notes += [f"- {name}: {f}" for f in failed]

@@ -82,3 +82,12 @@ def test_a_sweep_through_the_cli(tmp_path):
     # a bad option fails the sweep with the CLI's one-line error, and the table is still written
     proc = subprocess.run(cmd[:-8] + ["--grid", "no_such_option=1"], capture_output=True, text=True)
     assert proc.returncode == 1 and "no_such_option" in proc.stderr
+
+
+def test_percentages_keep_one_decimal_below_one_percent_and_rouge_three(tmp_path):
+    root = tmp_path / "p40-forget10-s0"
+    write(root / "vanilla.json", results(100.0, 100.0, 100.0, 100.0))
+    write(root / "runs/mmunlearner/defaults/eval.json", results(0.56, 95.0, 98.0, 99.0))
+    row = next(x for x in sweep.render(tmp_path).splitlines() if x.startswith("| mmunlearner defaults |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[0] == "0.6" and cells[-2] == "0.990"
