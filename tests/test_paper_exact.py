@@ -134,7 +134,8 @@ def test_paper_exact_forces_the_official_options_and_rejects_contradictions() ->
     assert (m.opt.mask_mode, m.opt.preserve, m.opt.fisher_loop, m.opt.groups) == (
         "gradient", "concat", "official", ("language",))
     assert UnlearnConfig(method="mmunlearner", paper_exact=True).resolved().retain_kinds == ("vqa",)
-    assert UnlearnConfig(method="mmunlearner").resolved().retain_kinds == ("vqa", "qa")
+    assert UnlearnConfig(method="mmunlearner", paper_exact=True).resolved().trainable == ("vision", "projector",
+                                                                                        "language")
     assert not build_method(UnlearnConfig(method="siu")).opt.legacy_released_code
     with pytest.raises(ConfigError, match="contradicts paper_exact"):
         UnlearnConfig(method="mmunlearner", paper_exact=True, method_options={"mask_mode": "update"})
@@ -371,3 +372,18 @@ def test_concept_metrics_paper_exact_runs_with_a_reference(small_bench, llava, m
     res = concept.concept_metrics(llava, small_bench, forget, reference=llava, paper_exact=True, limit=1)
     assert res["c_dis"] == pytest.approx(0.0, abs=1e-9)  # the model against itself
     assert {"generality_em", "diversity", "fluency_ppl", "mia_rougeL_recall"} <= set(res)
+
+
+def test_a_recipe_sets_method_options_under_the_runs_own() -> None:
+    from mmunlearn.train.recipes import PAPER
+
+    tiny = UnlearnConfig(method="mmunlearner").resolved()
+    assert tiny.method_options["groups"] == ("vision",) and tiny.trainable == ("vision", "projector")
+    assert build_method(tiny).opt.groups == ("vision",)
+    mine = UnlearnConfig(method="mmunlearner", method_options={"groups": ["vision", "language"], "gamma": 2.0})
+    assert build_method(mine.resolved()).opt.groups == ("vision", "language")
+    assert mine.resolved().method_options["gamma"] == 2.0
+    paper = UnlearnConfig(method="mmunlearner").resolved(PAPER["mmunlearner"])
+    assert build_method(paper).opt.groups == ("vision", "language")  # the option's default on real checkpoints
+    exact = UnlearnConfig(method="mmunlearner", paper_exact=True).resolved()
+    assert "groups" not in exact.method_options and build_method(exact).opt.groups == ("language",)

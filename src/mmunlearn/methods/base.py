@@ -6,7 +6,8 @@ A method is one class in one file, registered with one line (``@register("name")
 * ``Options``: a dataclass of its own options (validated in ``__post_init__``), built from the config's
   ``method_options`` mapping; unknown keys are errors;
 * ``defaults``: the training settings it is tuned with (steps/epochs, lr, batch size, trainable groups...),
-  used wherever the run's configuration leaves a field unset;
+  used wherever the run's configuration leaves a field unset; a ``method_options`` entry gives option values
+  tuned for the same recipe (the run's own ``method_options`` win);
 * ``prepare(ctx)`` (optional): build what it needs before training: e.g. its own training data (PO's
   refusals, SIU's multifaceted data) or a saliency mask; ``reference`` asks the loop for the vanilla model in
   ``ctx.reference``: ``"logits"`` (KL/DMK terms: the LoRA model with adapters disabled, or a frozen copy in

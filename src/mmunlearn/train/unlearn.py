@@ -151,7 +151,8 @@ class UnlearnConfig:
 
     def resolved(self, recipe: dict[str, Any] | None = None) -> UnlearnConfig:
         """A copy with every unset field filled from ``recipe`` (default: the method's tuned ``defaults``),
-        then the global fallback."""
+        then the global fallback. A recipe's ``method_options`` lie under the run's own (not in paper-exact
+        mode, whose options are the official code's)."""
         cls = METHODS.get(self.method)
         d = cls.defaults if recipe is None else recipe
         if self.paper_exact:  # the official code's training settings win over the recipe's
@@ -167,6 +168,8 @@ class UnlearnConfig:
                 values[name] = d[name]
             elif name in FALLBACK:
                 values[name] = FALLBACK[name]
+        if d.get("method_options") and not self.paper_exact:  # the run's own options win over the recipe's
+            values["method_options"] = dict(d["method_options"]) | dict(self.method_options)
         if self.lora is None and self.full_parameter is not True and d.get("lora") is not None:
             values["lora"] = C.build(LoraOptions, d["lora"], "recipe lora")
         elif self.lora is None and self.full_parameter is False:
