@@ -81,7 +81,8 @@ class SIUOptions:
         model's own answer to "who is this?" on them supplies the unseen names (answers naming a known entity
         are rejected), as in the paper; otherwise names come from the benchmark's ``unseen_names`` pool.
     non_target_text, non_target_images: samples per forget entity for target 4 (text-only / image questions
-        about other entities).
+        about other entities). 12 images: with 6, naming retained people on their held-out images fell to
+        77-79 % against vanilla's 91 % on two of five sweep seeds (docs/builtin.md).
     non_target_image_qtype: the question type of target 4's image samples (default ``identity``: "who is
         this?" on another entity's image, answered by the vanilla model, keeps the model naming the people it
         must not forget); None: any of the entity's image questions.
@@ -96,7 +97,7 @@ class SIUOptions:
     image_dir: str | None = None
     unseen_images: list[str] = field(default_factory=list)
     non_target_text: int = 5
-    non_target_images: int = 6
+    non_target_images: int = 12
     non_target_image_qtype: str | None = "identity"
     max_new_tokens: int = 32
     legacy_released_code: bool = False
