@@ -96,6 +96,14 @@ def test_method_variants_train(world, tmp_path: Path, method: str, options: dict
         assert "retain_ce" in log["history"][0]
 
 
+def test_mmunlearner_mask_on_an_untrained_group_says_what_to_train(world, tmp_path: Path) -> None:
+    bench, vanilla = world
+    opts = {**FAST["mmunlearner"], "groups": ["language"]}  # the tiny recipe trains the vision side only
+    with pytest.raises(ConfigError, match=r"masks \['language'\].*trainable=\[language,projector,vision\]"):
+        unlearn(load(vanilla), bench, cfg("mmunlearner", method_options=opts), tmp_path, progress=False)
+    assert not (tmp_path / "masks.safetensors").exists()  # refused before any saliency score was computed
+
+
 def test_unknown_method_is_a_config_error_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="did you mean 'npo'"):
         UnlearnConfig(method="npoo")

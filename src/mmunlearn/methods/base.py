@@ -102,6 +102,7 @@ class Context:
     seed: int
     out_dir: Path
     lora: bool = False
+    trainable: tuple[str, ...] = ()  # the parameter groups this run trains (``UnlearnConfig.trainable``)
     reference: Reference | None = None
     engine: Any = None
     progress: bool = False

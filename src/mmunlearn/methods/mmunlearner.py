@@ -144,6 +144,13 @@ class MMUnlearner(Method):
         a = ctx.adapter
         group_of = {n: a.group_of(n) for n, _ in a.model.named_parameters()}
         masked_groups = {g for name in self.opt.groups for g in MASK_GROUPS[name]}
+        untrained = sorted(masked_groups - set(ctx.trainable)) if ctx.trainable and not ctx.lora else []
+        if untrained:  # before the saliency scores are computed: the engine would refuse the mask only after
+            raise ConfigError(
+                f"mmunlearner: method_options.groups={list(self.opt.groups)} masks {untrained}, which this run does "
+                f"not train (trainable={list(ctx.trainable)}); add them, e.g. --set "
+                f"trainable=[{','.join(sorted(set(ctx.trainable) | masked_groups))}]"
+            )
         official = self.opt.fisher_loop == "official"
         names = [n for n, p in a.model.named_parameters()
                  if group_of[n] in masked_groups and (official or S.maskable(n, p))]

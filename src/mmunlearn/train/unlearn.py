@@ -242,7 +242,7 @@ def unlearn(
     f_data, r_data = training_data(bench, forget, cfg)
     ctx = Context(adapter=adapter, bench=bench, forget_entities=forget, forget_data=f_data, retain_data=r_data,
                   images=images, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=Path(out_dir),
-                  lora=cfg.lora is not None, progress=progress,
+                  lora=cfg.lora is not None, trainable=tuple(cfg.trainable or ()), progress=progress,
                   resume=checkpoints is not None and checkpoints.latest() is not None)
     if method.reference == "logits" and cfg.lora is None:
         if zero3.requested():
