@@ -19,6 +19,45 @@ def test_generation_is_deterministic(tmp_path):
     assert (c.root / "examples.jsonl").read_bytes() != (a.root / "examples.jsonl").read_bytes()
 
 
+def test_identity_views_add_images_and_change_nothing_else(tmp_path):
+    """The warm-up's question-free views come from their own random stream: a benchmark with them has the same
+    questions and images as one without, and no example points at them."""
+    kw = dict(num_people=5, train_images=2, test_images=1)
+    plain = make_fictitious(tmp_path / "plain", FictitiousConfig(identity_views=0, **kw))
+    full = make_fictitious(tmp_path / "full", FictitiousConfig(identity_views=3, **kw))
+    assert (plain.root / "examples.jsonl").read_bytes() == (full.root / "examples.jsonl").read_bytes()
+    for img in {e.image for e in plain.examples if e.image}:
+        assert (plain.root / img).read_bytes() == (full.root / img).read_bytes()
+    views = full.identity_views()
+    assert set(views) == set(full.info["entities"]) and all(len(v) == 3 for v in views.values())
+    used = {str((full.root / e.image).resolve()) for e in full.examples if e.image}
+    assert not used & {str(p) for v in views.values() for p in v}
+    # two views of one person differ (pose, light), and views of a seed are reproducible
+    a, b = views["person000"][:2]
+    assert a.read_bytes() != b.read_bytes()
+    again = make_fictitious(tmp_path / "again", FictitiousConfig(identity_views=3, **kw))
+    assert again.identity_views()["person004"][2].read_bytes() == views["person004"][2].read_bytes()
+    assert plain.identity_views() == {}
+
+
+@pytest.mark.parametrize("views, msg", [
+    ({"person000": "images/x.png"}, "must map entity ids to lists"),
+    ({"person000": ["../outside.png"]}, "escapes the data directory"),
+    ({"person000": ["images/missing.png"]}, "names a missing file"),
+])
+def test_identity_views_bad_entries_are_refused(tmp_path, views, msg):
+    bench = make_fictitious(tmp_path / "b", FictitiousConfig(num_people=4, train_images=1, test_images=1,
+                                                               identity_views=1))
+    bench.info["identity_views"] = views
+    with pytest.raises(DataError, match=msg):
+        bench.identity_views()
+
+
+def test_negative_identity_views_is_refused():
+    with pytest.raises(DataError, match="identity_views must be >= 0"):
+        FictitiousConfig(identity_views=-1)
+
+
 def test_default_benchmark_shape(tmp_path):
     bench = make_fictitious(tmp_path / "d")
     people = bench.info["entities"]

@@ -2,7 +2,10 @@
 
 Everything is deterministic from the seed. Each person has ``train_images`` views (view 0 is the single image
 used for unlearning; all of them teach the vanilla model) and ``test_images`` held-out views that no training
-ever sees. Questions follow MLLMU-Bench's shapes: VQA and text-only QA, 4-option multiple choice, cloze and
+ever sees. Optionally (``identity_views``) more views per person carry no question: image-only identity data
+for the tiny model's vision warm-up (train/finetune.py), the stand-in for a real encoder's pretraining, drawn
+from a random stream of their own so that every question and image of a seed is the same with or without them.
+Questions follow MLLMU-Bench's shapes: VQA and text-only QA, 4-option multiple choice, cloze and
 free generation. The forget/retain splits ask VQA phrasing 0 on every training view and three QA phrasings of
 each fact; the test split asks another phrasing (a paraphrase), about held-out images for VQA. Training sees
 every phrasing. At the defaults (40 people, forget10 = 4 people) the forget split holds 144 VQA and 60 QA
@@ -121,6 +124,10 @@ class FictitiousConfig:
     num_people: int = 40
     train_images: int = 6
     test_images: int = 3
+    # views per person with no question, for the vision warm-up only (0: none). 24 lift the warm-up's naming of
+    # held-out views (80 people: 77 -> 92 %) but not the whole model's reliably, and the methods' defaults were
+    # tuned without them (docs/builtin.md), so they are opt-in
+    identity_views: int = 0
     image_size: int = 64
     forget_percents: tuple[int, ...] = (5, 10, 15)
 
@@ -129,6 +136,8 @@ class FictitiousConfig:
             raise DataError(f"num_people must be between 4 and {len(FIRST) * len(LAST) // 4}, got {self.num_people}")
         if self.train_images < 1 or self.test_images < 1:
             raise DataError("train_images and test_images must be >= 1")
+        if self.identity_views < 0:
+            raise DataError(f"identity_views must be >= 0, got {self.identity_views}")
         if any(not 0 < p < 100 for p in self.forget_percents):
             raise DataError(f"forget_percents must lie in (0, 100), got {self.forget_percents}")
 
@@ -181,6 +190,7 @@ def _build(root: Path, cfg: FictitiousConfig) -> Benchmark:
         "name": people_names, "city": CITIES, "occupation": OCCUPATIONS, "hobby": HOBBIES, "pet": PETS,
         "instrument": INSTRUMENTS,
     }
+    traits_of = {p["id"]: p["traits"] for p in people}
     for p in people:
         pid, traits = p["id"], p.pop("traits")
         images = []
@@ -239,10 +249,23 @@ def _build(root: Path, cfg: FictitiousConfig) -> Benchmark:
         "entities": {p["id"]: p for p in people},
         # plausible names never given to anyone: SIU's "unseen concept" names come from here
         "unseen_names": unseen,
+        "identity_views": _identity_views(root, traits_of, cfg),
     }
     bench = Benchmark("fictitious-people", root, ex, forget_sets, info)
     bench.save()
     return bench
+
+
+def _identity_views(root: Path, traits_of: dict, cfg: FictitiousConfig) -> dict[str, list[str]]:
+    """Entity id -> its question-free views (image paths), drawn from their own random stream."""
+    rng = random.Random(f"identity-views-{cfg.seed}")
+    views: dict[str, list[str]] = {}
+    for pid, traits in traits_of.items():
+        for k in range(cfg.identity_views):
+            rel = f"images/{pid}_identity{k}.png"
+            render(traits, rng, cfg.image_size).save(root / rel)
+            views.setdefault(pid, []).append(rel)
+    return views
 
 
 def _adder(ex: list[Example], pid: str):

@@ -165,11 +165,22 @@ class Benchmark:
         """Resolve an example's image inside the benchmark directory, refusing paths that escape it."""
         if e.image is None:
             raise DataError(f"example {e.id!r} has no image")
-        p = (self.root / e.image).resolve()
+        return self._resolve(e.image, f"example {e.id!r} field 'image'")
+
+    def identity_views(self) -> dict[str, list[Path]]:
+        """Entity id -> its question-free images (``info["identity_views"]``, the built-in benchmark's data for
+        the tiny model's vision warm-up; empty for benchmarks without them)."""
+        raw = self.info.get("identity_views") or {}
+        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+            raise DataError(f"{self.root}: info 'identity_views' must map entity ids to lists of image paths")
+        return {ent: [self._resolve(str(r), f"identity view of {ent!r}") for r in rels] for ent, rels in raw.items()}
+
+    def _resolve(self, rel: str, where: str) -> Path:
+        p = (self.root / rel).resolve()
         if not p.is_relative_to(self.root.resolve()):
-            raise DataError(f"{self.root}: example {e.id!r} field 'image' escapes the data directory: {e.image}")
+            raise DataError(f"{self.root}: {where} escapes the data directory: {rel}")
         if not p.is_file():
-            raise DataError(f"{self.root}: example {e.id!r} field 'image' names a missing file: {e.image}")
+            raise DataError(f"{self.root}: {where} names a missing file: {rel}")
         return p
 
     def save(self) -> None:
