@@ -6,7 +6,8 @@ through the CLI only, into one table with the methods' bounds checked (``mmunlea
     python bench/sweep.py --out runs/sweep --method siu             # another method, same configurations
     python bench/sweep.py --out runs/sweep --table                  # rebuild sweep.md / sweep.json only
 
-A configuration is ``people=N,forget=NAME`` (optionally ``views=N``, training views per person); each seed
+A configuration is ``people=N,forget=NAME`` (optionally ``views=N``, training views per person, and
+``identity=N``, question-free views per person for the vision warm-up); each seed
 makes its own benchmark (``make-data --set seed=S``), vanilla model and unlearned models, all with that seed.
 Everything already computed under ``--out`` is reused, so calls add to one sweep (``--finetune-set`` options only
 apply where a vanilla model is trained: give a new ``--out`` to compare fine-tuning recipes). Per configuration
@@ -37,7 +38,7 @@ COLUMNS = [  # (split, kind, metric, label)
     ("retain", "vqa", "name_rate_heldout", "name held-out retain"), ("retain", "qa", "gen_rougeL", "ROUGE-L retain QA"),
 ]
 EVAL_SETS = ["protocols=[]", "splits=[forget,retain,test,utility]"]
-CONFIG_KEYS = {"people": "num_people", "views": "train_images"}
+CONFIG_KEYS = {"people": "num_people", "views": "train_images", "identity": "identity_views"}
 
 
 def cli(*args: str, log: Path) -> None:
@@ -52,14 +53,15 @@ def cli(*args: str, log: Path) -> None:
 
 def parse_config(text: str) -> dict[str, str]:
     out = dict(kv.split("=", 1) for kv in text.split(",") if kv)
-    bad = set(out) - {"people", "forget", "views"}
+    bad = set(out) - {"people", "forget", *CONFIG_KEYS}
     if bad or "people" not in out or "forget" not in out:
-        raise SystemExit(f"--config {text!r}: give people=N,forget=NAME[,views=N]")
+        raise SystemExit(f"--config {text!r}: give people=N,forget=NAME[,views=N][,identity=N]")
     return out
 
 
 def config_id(c: dict[str, str]) -> str:
-    return f"p{c['people']}-{c['forget']}" + (f"-v{c['views']}" if "views" in c else "")
+    return (f"p{c['people']}-{c['forget']}" + (f"-v{c['views']}" if "views" in c else "")
+            + (f"-i{c['identity']}" if "identity" in c else ""))
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:
@@ -197,7 +199,8 @@ def render(out: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--config", action="append", default=[], help="people=N,forget=NAME[,views=N] (repeatable)")
+    ap.add_argument("--config", action="append", default=[],
+                    help="people=N,forget=NAME[,views=N][,identity=N] (repeatable)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--method", help="a registered unlearning method")
     ap.add_argument("--grid", action="append", default=[], help="key=v1,v2 over unlearn options (repeatable)")

@@ -32,6 +32,7 @@ def test_grid_points_and_configs():
     assert sweep.grid_points(["lr=1e-3,5e-4", "epochs=1"]) == [["lr=1e-3", "epochs=1"], ["lr=5e-4", "epochs=1"]]
     assert sweep.grid_points([]) == [[]]
     assert sweep.config_id(sweep.parse_config("people=60,forget=forget15")) == "p60-forget15"
+    assert sweep.config_id(sweep.parse_config("people=80,forget=forget10,identity=24")) == "p80-forget10-i24"
     for bad in ("people=60", "people=60,forget=forget10,colour=red"):
         with pytest.raises(SystemExit):
             sweep.parse_config(bad)

@@ -2,7 +2,9 @@
 
 For a randomly initialised vision tower (the ``tiny`` model) an image-only warm-up comes first: the vision
 tower and projector learn to tell the training identities apart (a linear identity head on the mean image
-token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder.
+token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder. It
+also sees the benchmark's question-free views of those identities if it has any, and then grows with their
+number.
 A model whose projector is new (the ``smol`` model: pretrained encoder and LM, random projector) first gets a
 projector-only alignment (``align_steps``, LLaVA's stage 1) on the benchmark's image-text training pairs.
 Then every training example (VQA, text QA, utility) goes through the one engine; text-only and utility
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmunlearn import distributed as D
 from mmunlearn.checkpoint import Checkpointer
-from mmunlearn.data.batches import BatchStream, ImageCache, to_items
+from mmunlearn.data.batches import BatchStream, ImageCache, open_image, to_items
 from mmunlearn.data.schema import KINDS, Benchmark, Example
 from mmunlearn.errors import ConfigError
 from mmunlearn.methods import answer_states as AS
@@ -55,7 +57,11 @@ class FinetuneConfig:
     trainable: tuple[str, ...] = ("vision", "projector", "language")
     lora: LoraOptions | None = None
     oversample_text: int = 3
+    # the warm-up's length up to ``vision_warmup_identities`` identities with question-free views (the built-in
+    # benchmark's opt-in ``identity_views``), growing in proportion beyond; without such views it is fixed
+    # (docs/builtin.md: sized so, the warm-up named 92-97 % of held-out views at 40-160 people)
     vision_warmup_steps: int = 600
+    vision_warmup_identities: int = 40
     vision_warmup_lr: float = 1e-3
     vision_warmup_batch: int = 64
     seed: int = 0
@@ -91,6 +97,8 @@ class FinetuneConfig:
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
+        if self.vision_warmup_identities < 1:
+            raise ConfigError(f"vision_warmup_identities must be >= 1, got {self.vision_warmup_identities}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         if not self.exclude_kinds or any(k not in KINDS for k in self.exclude_kinds):
@@ -104,6 +112,12 @@ class FinetuneConfig:
             on_nonfinite=self.on_nonfinite, gradient_accumulation=self.gradient_accumulation, fsdp=self.fsdp,
             micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
+
+    def warmup_steps_for(self, identities: int) -> int:
+        """Vision warm-up steps for ``identities`` entities with question-free views (sized as documented above)."""
+        if self.vision_warmup_steps <= 0:
+            return 0
+        return math.ceil(self.vision_warmup_steps * max(1.0, identities / self.vision_warmup_identities))
 
     def main_steps(self, num_examples: int) -> int:
         """Steps of the main stage: ``steps``, or ``epochs`` passes over ``num_examples``."""
@@ -151,17 +165,39 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x * gain + (torch.rand(n, 3, 1, 1, generator=g) * 0.4 - 0.2)
 
 
+@dataclass
+class Warmup:
+    """What the vision warm-up did: its final loss, its steps, and its identity head over ``classes`` (read by
+    ``bench/warmup_probe.py`` to measure how well the warmed tower tells held-out views apart)."""
+
+    loss: float = math.nan
+    steps: int = 0
+    head: torch.nn.Linear | None = None
+    classes: list[str] = field(default_factory=list)
+
+
+def warmup_features(adapter: ModelAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The warm-up's image feature: the mean of the projected image tokens."""
+    return torch.stack([f.mean(0) for f in adapter.image_features({"pixel_values": pixel_values})])
+
+
 def vision_warmup(
     adapter: ModelAdapter, bench: Benchmark, examples: list[Example], cfg: FinetuneConfig, progress: bool = True
-) -> float:
-    """Identity classification of the training images through vision tower + projector; returns final loss."""
+) -> Warmup:
+    """Identity classification of the training images (and the benchmark's question-free views of the same
+    identities) through vision tower + projector."""
     images = ImageCache(bench)
-    pairs = sorted({(e.image, e.entity) for e in examples if e.image is not None})
-    if not pairs or cfg.vision_warmup_steps <= 0:
-        return math.nan
-    classes = sorted({ent for _, ent in pairs})
     first = {e.image: e for e in examples if e.image is not None}
-    pix = adapter.processor.image_processor([images.get(first[im]) for im, _ in pairs], return_tensors="pt")
+    if not first or cfg.vision_warmup_steps <= 0:
+        return Warmup()
+    pairs = [(images.get(first[im]), first[im].entity) for im in sorted(first)]
+    classes = sorted({ent for _, ent in pairs})
+    # the benchmark's question-free views of the same identities (none of an oracle's excluded entities: they
+    # have no image example here, so no class)
+    views = {ent: v for ent, v in bench.identity_views().items() if ent in classes and v}
+    pairs += [(open_image(p), ent) for ent, paths in sorted(views.items()) for p in paths]
+    steps = cfg.warmup_steps_for(len(views))
+    pix = adapter.processor.image_processor([im for im, _ in pairs], return_tensors="pt")
     pixel_values = pix["pixel_values"]
     if pixel_values.dim() != 4:
         raise ConfigError(
@@ -178,15 +214,14 @@ def vision_warmup(
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=cfg.vision_warmup_lr)
     model.train()
     loss = torch.tensor(math.nan)
-    for _ in tqdm(range(cfg.vision_warmup_steps), desc="vision warm-up", leave=False, disable=not progress):
+    for _ in tqdm(range(steps), desc="vision warm-up", leave=False, disable=not progress):
         idx = torch.randint(0, len(y), (min(cfg.vision_warmup_batch, len(y)),), generator=g)
         x = augment(pixel_values[idx], g).to(dev)
-        feats = torch.stack([f.mean(0) for f in adapter.image_features({"pixel_values": x})])
-        loss = F.cross_entropy(head(feats), y[idx].to(dev))
+        loss = F.cross_entropy(head(warmup_features(adapter, x)), y[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return float(loss.detach())
+    return Warmup(float(loss.detach()), steps, head, classes)
 
 
 def align_projector(
@@ -266,7 +301,8 @@ def finetune(
     excluded = excluded_entities(bench, cfg.exclude_forget)
     examples = training_examples(bench, cfg.oversample_text, excluded, cfg.exclude_kinds)
     resuming = checkpoints is not None and checkpoints.latest() is not None
-    warm_loss = math.nan if resuming else vision_warmup(adapter, bench, examples, cfg, progress)
+    warm = Warmup() if resuming else vision_warmup(adapter, bench, examples, cfg, progress)
+    warm_loss, warm_steps = warm.loss, warm.steps
     t_warm = time.time() - t0
     align_loss = math.nan if resuming else align_projector(adapter, bench, examples, cfg, progress)
     t_align = time.time() - t0 - t_warm
@@ -291,6 +327,7 @@ def finetune(
         engine.load_state_dict(ck.engine)
         stream.load_state_dict(ck.state["streams"]["train"])
         history, start, warm_loss = ck.state["history"], ck.step, ck.state["vision_warmup_loss"]
+        warm_steps = ck.state.get("vision_warmup_steps", 0)
         checks = ck.state.get("stop_checks", [])
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", disable=not progress)
     with checkpoints.signals() if checkpoints is not None else nullcontext():
@@ -306,7 +343,7 @@ def finetune(
                     stopped = step + 1
             if checkpoints is not None and not stopped and checkpoints.due(step + 1, steps):
                 state = {"streams": {"train": stream.state_dict()}, "history": history,
-                         "vision_warmup_loss": warm_loss, "stop_checks": checks}
+                         "vision_warmup_loss": warm_loss, "vision_warmup_steps": warm_steps, "stop_checks": checks}
                 checkpoints.save(step + 1, engine.state_dict(), state, tensors=warmed)
                 checkpoints.stop_if_requested(step + 1, steps)
             if stopped:
@@ -315,7 +352,7 @@ def finetune(
                 break
     adapter.model.eval()
     return {
-        "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss,
+        "vision_warmup_seconds": round(t_warm, 1), "vision_warmup_loss": warm_loss, "vision_warmup_steps": warm_steps,
         "align_seconds": round(t_align, 1), "align_loss": align_loss, "steps": stopped or steps, "max_steps": steps,
         "stopped_early_at": stopped, "stop_checks": checks,
         "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
