@@ -187,10 +187,11 @@ def vision_warmup(
     """Identity classification of the training images (and the benchmark's question-free views of the same
     identities) through vision tower + projector."""
     images = ImageCache(bench)
-    first = {e.image: e for e in examples if e.image is not None}
-    if not first or cfg.vision_warmup_steps <= 0:
+    labelled = sorted({(e.image, e.entity) for e in examples if e.image is not None})
+    if not labelled or cfg.vision_warmup_steps <= 0:
         return Warmup()
-    pairs = [(images.get(first[im]), first[im].entity) for im in sorted(first)]
+    first = {e.image: e for e in examples if e.image is not None}
+    pairs = [(images.get(first[im]), ent) for im, ent in labelled]
     classes = sorted({ent for _, ent in pairs})
     # the benchmark's question-free views of the same identities (none of an oracle's excluded entities: they
     # have no image example here, so no class)
