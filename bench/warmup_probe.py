@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from mmunlearn.commands import open_model
+from mmunlearn.config import load
 from mmunlearn.data.batches import open_image
 from mmunlearn.data.schema import Benchmark
 from mmunlearn.train.finetune import FinetuneConfig, training_examples, vision_warmup, warmup_features
@@ -48,7 +48,7 @@ def main() -> None:
     bench = Benchmark.load(args.data)
     if args.no_identity_views:
         bench.info = {k: v for k, v in bench.info.items() if k != "identity_views"}
-    cfg = FinetuneConfig(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    cfg = load(FinetuneConfig, overrides=args.set)
     adapter = open_model("tiny", bench)
     examples = training_examples(bench, cfg.oversample_text)
     t0, cpu0 = time.time(), time.process_time()
