@@ -22,11 +22,11 @@ def test_jobs_run_side_by_side_and_the_threads_are_restored(small_bench, tmp_pat
     try:
         with Workers() as workers:
             assert workers.pool is not None
-            oracle = workers.submit(_finetune_job, str(small_bench.root), "tiny", oout, ocfg)
-            recs = {"finetune": workers.here(_finetune_job, str(small_bench.root), "tiny", vout, vcfg),
+            oracle = workers.submit(_finetune_job, str(small_bench.root), "tiny", oout, ocfg, "auto")
+            recs = {"finetune": workers.here(_finetune_job, str(small_bench.root), "tiny", vout, vcfg, "auto"),
                     "finetune_oracle": oracle.result()}
             assert torch.get_num_threads() == 2
-            ev = {n: workers.submit(_evaluate_job, str(small_bench.root), out, EvalConfig(**EVAL))
+            ev = {n: workers.submit(_evaluate_job, str(small_bench.root), out, EvalConfig(**EVAL), "auto")
                   for n, (out, _) in jobs.items()}
             ev = {n: f.result() for n, f in ev.items()}
     finally:
@@ -57,13 +57,14 @@ def test_demo_options_merge_into_the_demos_benchmark_size():
 
 def test_the_fast_demo_runs_every_stage_through_the_pool(tmp_path):
     """The whole pipeline on the reduced configuration, with two threads so that the jobs go through the pool:
-    every model is evaluated and verified, the report is written, and a second call reuses everything."""
+    every model is evaluated and verified, the report is written, and a second call reuses everything. In
+    bfloat16, so that the demo's dtype is seen to reach every stage (the CPU keeps fp32 master weights)."""
     from mmunlearn.demo import DemoConfig, run_demo
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = DemoConfig(fast=True, methods=("ga", "mmunlearner"))
+        cfg = DemoConfig(fast=True, methods=("ga", "mmunlearner"), dtype="bfloat16")
         cfg.finetune.steps, cfg.finetune.vision_warmup_steps = 20, 10
         report = run_demo(tmp_path, cfg, progress=False)
         res = read_json_object(tmp_path / "results.json", what="results")
@@ -74,6 +75,7 @@ def test_the_fast_demo_runs_every_stage_through_the_pool(tmp_path):
     assert list(res["models"]) == ["vanilla", "oracle", "ga", "mmunlearner"]
     for name, m in res["models"].items():
         assert "forget" in m["results"] and m["verification"]["verdict"], name
+        assert read_json_object(f"{m['path']}/{RUN_FILE}", what="run record")["dtype"] == "bfloat16", name
     for key in ("finetune", "finetune_oracle", "unlearn_ga", "unlearn_mmunlearner", "verify_oracle"):
         assert key in res["timings_seconds"]
     assert "finetune" not in read_json_object(tmp_path / "results.json", what="results")["timings_seconds"]

@@ -135,6 +135,27 @@ def test_demo_model_is_checked():
         DemoConfig(model="llava")
     cfg = DemoConfig(model="smol", methods=("ga",))
     assert cfg.data.num_people == 8 and cfg.finetune.vision_warmup_steps == 0 and cfg.finetune.epochs > 0
+    with pytest.raises(ConfigError, match="demo dtype"):
+        DemoConfig(dtype="int8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_smol_demo_computes_in_bfloat16_where_the_cpu_does_natively(monkeypatch, native):
+    import mmunlearn.demo as demo
+
+    monkeypatch.setattr(demo, "cpu_has_bf16", lambda: native)
+    assert demo.DemoConfig(model="smol").dtype == ("bfloat16" if native else "auto")
+    assert demo.DemoConfig(model="smol", dtype="float32").dtype == "float32"  # asked for: kept
+    assert demo.DemoConfig(model="tiny").dtype == "auto"  # the tiny model's results are float32 ones
+
+
+def test_smol_demo_sizes_mmunlearner_for_its_forget_set_under_explicit_overrides():
+    from mmunlearn.demo import DemoConfig
+
+    assert DemoConfig(model="smol").method_overrides == {"mmunlearner": {"epochs": 5.0}}
+    asked = DemoConfig(model="smol", method_overrides={"ga": {"lr": 1e-4}, "mmunlearner": {"epochs": 2.0, "lr": 2e-5}})
+    assert asked.method_overrides == {"mmunlearner": {"epochs": 2.0, "lr": 2e-5}, "ga": {"lr": 1e-4}}
+    assert DemoConfig(model="tiny").method_overrides == {}
 
 
 # ------------------------------------------------------------------------------------------------ real weights

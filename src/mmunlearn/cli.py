@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the vanilla model it was unlearned from")
     p.add_argument("--oracle", help="a model trained without the forget data (finetune --set exclude_forget=...)")
     p.add_argument("--out", help="directory for verification.json and verification.md (default: the model's)")
+    _dtype(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="score a model on every split")
@@ -151,13 +152,13 @@ def run(args: argparse.Namespace) -> int:
             from mmunlearn.verify.options import VerifyConfig
 
             vcfg = VerifyConfig(entities=rec["forget_entities"])
-            res = cmd.run_verify(args.out, args.data, args.model, args.oracle, vcfg)
+            res = cmd.run_verify(args.out, args.data, args.model, args.oracle, vcfg, dtype=args.dtype)
             print(f"verdict: {res['verdict']} ({res['files']['markdown']})")
     elif args.command == "verify":
         from mmunlearn.verify.options import VerifyConfig
 
         vcfg = C.load(VerifyConfig, args.config, args.set)
-        res = cmd.run_verify(args.model, args.data, args.reference, args.oracle, vcfg, args.out)
+        res = cmd.run_verify(args.model, args.data, args.reference, args.oracle, vcfg, args.out, dtype=args.dtype)
         print(open(res["files"]["markdown"]).read(), end="")
         print(f"wrote {res['files']['json']}")
     elif args.command == "evaluate":

@@ -229,12 +229,12 @@ def verify_forget_entities(bench: Benchmark, model: str, cfg) -> list[str]:
 
 
 def run_verify(model: str, data: str, reference: str, oracle: str | None, cfg, out: str | None = None,
-               measured: dict[str, dict] | None = None) -> dict:
+               measured: dict[str, dict] | None = None, dtype: str = "auto") -> dict:
     """Measure ``model``, the vanilla ``reference`` and the ``oracle`` (if any), compare, and write
     ``verification.json`` and ``verification.md`` into ``out`` (default: the model directory).
 
     ``measured`` maps model paths to measurements already taken (the demo measures vanilla and oracle once);
-    new ones are added to it.
+    new ones are added to it. ``dtype``: the weights' dtype of the models loaded here (as ``open_model``).
     """
     from mmunlearn.verify.measure import measure
     from mmunlearn.verify.verdict import compare, write
@@ -248,7 +248,7 @@ def run_verify(model: str, data: str, reference: str, oracle: str | None, cfg, o
     t0 = time.time()
     for path in (model, reference, oracle):
         if path is not None and path not in measured:
-            measured[path] = measure(open_model(path, bench), bench, forget, cfg)
+            measured[path] = measure(open_model(path, bench, dtype=dtype), bench, forget, cfg)
     result = {"model": model, "reference": reference, "oracle": oracle, "data": str(Path(data).resolve()),
               "forget_entities": forget, "config": C.to_dict(cfg),
               **compare(measured[model], measured[reference], measured[oracle] if oracle else None, cfg.thresholds,

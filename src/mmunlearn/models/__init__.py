@@ -20,7 +20,8 @@ ADAPTERS.register("qwen2-vl")(Qwen2VLAdapter)
 ADAPTERS.register("smol")(SmolAdapter)
 FAMILIES = ("tiny", *ADAPTERS.names())
 
-__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "family_of", "load_adapter", "resolve_dtype"]
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "cpu_has_bf16", "family_of", "load_adapter",
+           "resolve_dtype"]
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -34,6 +35,14 @@ def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, name)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this machine trains on the CPU and its CPU computes in bfloat16 natively (AVX512-BF16 or AMX):
+    there bfloat16 matrix products take less than half the time of float32 ones; elsewhere they are emulated."""
+    if torch.cuda.is_available():
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def family_of(path: str | Path) -> str:

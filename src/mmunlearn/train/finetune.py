@@ -177,8 +177,9 @@ class Warmup:
 
 
 def warmup_features(adapter: ModelAdapter, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The warm-up's image feature: the mean of the projected image tokens."""
-    return torch.stack([f.mean(0) for f in adapter.image_features({"pixel_values": pixel_values})])
+    """The warm-up's image feature: the mean of the projected image tokens, in float32 (the identity head's
+    dtype, also when the model computes in bfloat16)."""
+    return torch.stack([f.mean(0) for f in adapter.image_features({"pixel_values": pixel_values})]).float()
 
 
 def vision_warmup(
