@@ -55,3 +55,20 @@ def test_lora_export_as_adapter(tmp_path, small_bench):
     export(adapter, tmp_path / "peft", merge=False)
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_dtype_step_bench_times_the_fine_tuning_step_in_both_dtypes(small_bench):
+    """``bench/dtype_step.py`` times the vanilla fine-tune's step in float32 and bfloat16 weights and prints both
+    and their ratio."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "dtype_step.py"), "--data", str(small_bench.root),
+                          "--model", "tiny", "--steps", "2", "--batch-size", "4"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = re.search(r"float32 ([\d.]+) s/step, bfloat16 ([\d.]+) s/step, ratio ([\d.]+)", run.stdout)
+    assert m and float(m[1]) > 0 and float(m[2]) > 0, run.stdout
