@@ -63,7 +63,7 @@ MODELS = ("tiny", "smol")
 
 def smol_method_overrides() -> dict[str, dict]:
     """The paper recipes, except MMUnlearner's length: its one epoch at lr 1e-5 is 90 retain iterations with a
-    forget step every seventh here (13 forget steps for a forget set of 2 people), which left forget VQA at 92 %;
+    forget step every seventh here (about 13 forget steps for a forget set of 2 people), which left forget VQA at 92 %;
     five epochs at the same rate reach 29 % and keep the text-only facts (a higher rate, 5e-5 for two epochs,
     forgot a quarter of them; docs/smol.md)."""
     return {"mmunlearner": {"epochs": 5.0}}
@@ -191,7 +191,7 @@ class DemoConfig:
     verify: VerifyConfig = field(default_factory=demo_verify)
     # the weights' dtype of every stage (``--dtype`` of the commands); auto: bfloat16 on CUDA, float32 on the
     # CPU, except the smol model on a CPU with bfloat16 instructions: bfloat16 there (fp32 master weights in
-    # training, as on a GPU; a training step takes less than half the time, docs/smol.md)
+    # training, as on a GPU; a training step takes 0.56 of its float32 time, docs/smol.md)
     dtype: str = "auto"
 
     def __post_init__(self) -> None:

@@ -39,7 +39,7 @@ def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
 
 def cpu_has_bf16() -> bool:
     """Whether this machine trains on the CPU and its CPU computes in bfloat16 natively (AVX512-BF16 or AMX):
-    there bfloat16 matrix products take less than half the time of float32 ones; elsewhere they are emulated."""
+    there a smol training step takes 0.56 of its float32 time (bench/dtype_step.py); elsewhere bfloat16 is emulated."""
     if torch.cuda.is_available():
         return False
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

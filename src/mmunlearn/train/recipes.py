@@ -68,10 +68,10 @@ def recipe(method: str, defaults: dict[str, Any], which: str, adapter: ModelAdap
 # at the learning rates used to fine-tune small pretrained models. The encoder trains at 1e-4: kept frozen, its
 # ImageNet features told the benchmark's drawn people apart on only 75-83 % of the VQA questions (docs/smol.md).
 # The length is an early stop, not a fixed count: the text-only facts are learnt within about two epochs, but
-# naming the people on their images arrives abruptly after 3-4 (exact training answers at 0.2-0.3 for three
-# epochs, then 0.87 one epoch later), and when depends on the float summation order (threads, dtype), so a fixed
-# count either stops before it or pays for epochs after it. 0.8 exact training answers already gave 100 % multiple
-# choice on every split (docs/smol.md); higher learning rates did not bring the step sooner.
+# naming the people on their images arrives abruptly (exact training answers at 0.2-0.45 for about three
+# epochs, then 0.8-0.9 within one or two more), and when depends on the float summation order (threads, dtype),
+# so a fixed count either stops before it or pays for epochs after it. 0.8 exact training answers already gave
+# 100 % multiple choice on every split (docs/smol.md); higher learning rates did not bring the step sooner.
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "smol": {
         "vision_warmup_steps": 0, "align_steps": 40, "align_lr": 1e-3,
