@@ -42,7 +42,8 @@ def cpu_has_bf16() -> bool:
     there a smol training step takes 0.56 of its float32 time (bench/dtype_step.py); elsewhere bfloat16 is emulated."""
     if torch.cuda.is_available():
         return False
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU probes (private: guarded)
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def family_of(path: str | Path) -> str:
