@@ -214,9 +214,9 @@ class DemoConfig:
                 self.eval.forget_set = "forget15"
             if self.verify == demo_verify():  # a pretrained model: the standard full-parameter attack
                 self.verify = VerifyConfig(relearn=[RelearnSetting("full", lr=2e-5)], mia_limit=64)
-            sized = smol_method_overrides()  # under what a run asks for
-            self.method_overrides = {m: {**sized.get(m, {}), **self.method_overrides.get(m, {})}
-                                     for m in (*sized, *(m for m in self.method_overrides if m not in sized))}
+            asked = self.method_overrides  # wins over the sizing, field by field
+            self.method_overrides = {**asked, **{m: {**opts, **asked.get(m, {})}
+                                                 for m, opts in smol_method_overrides().items()}}
             if self.dtype == "auto" and cpu_has_bf16():
                 self.dtype = "bfloat16"
         if self.fast:
