@@ -38,3 +38,33 @@ def test_concept_metrics_records_the_flag(tiny, small_bench):
     assert "diversity" in res["not_informative"] and 0 <= res["diversity"] <= 100  # the value is kept
     assert f"{res['answer_words']:.1f} words" in res["not_informative"]["diversity"]
     assert "fluency_ppl" in res and "fluency_ppl" in res["not_informative"]
+
+
+def test_free_form_probes_carry_fluency_and_diversity(tmp_path, monkeypatch):
+    """On a benchmark with descriptions, the held-out descriptions join the generality probes (naming rate) and
+    fluency and diversity are computed on them alone; membership inference leaves them out."""
+    from mmunlearn.data.fictitious import DESCRIBE_VQA, FictitiousConfig, make_fictitious
+    from mmunlearn.eval.concept import mia_items, probes
+
+    bench = make_fictitious(tmp_path / "d", FictitiousConfig(num_people=8, train_images=2, test_images=1,
+                                                            describe=True))
+    forget = sorted(bench.forget_set("forget15"))
+    gen = probes(bench, forget)["generality"]
+    assert {p.example.qtype for p in gen} == {"identity", "describe"}
+    assert all(p.target == bench.entity_names()[p.example.entity] for p in gen)
+    members, _ = mia_items(bench, forget)
+    assert len(members) == len([e for e in bench.select("forget", forget, purpose="train")
+                                if e.kind == "vqa" and e.qtype != "describe"])
+    # a model that answers a description in a sentence and anything else with a name: fluency and diversity
+    # see the sentences only (on every generality answer they would average fewer words)
+    from mmunlearn.eval import concept
+
+    def fake_generate(adapter, items, batch_size, max_new_tokens):
+        return [LONG if it.prompt in DESCRIBE_VQA else "Ada Quill." for it in items]
+
+    monkeypatch.setattr(concept, "generate_batched", fake_generate)
+    model = open_model("tiny", bench)
+    res = concept_metrics(model, bench, forget, reference=model, batch_size=16)
+    assert res["answer_words"] == res["reference_answer_words"] == len(LONG[:-1].split())
+    assert "not_informative" not in res and res["diversity"] < 100  # "a" is said twice
+    assert res["generality_em"] == 100.0  # no answer names anyone

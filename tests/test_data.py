@@ -40,6 +40,31 @@ def test_identity_views_add_images_and_change_nothing_else(tmp_path):
     assert plain.identity_views() == {}
 
 
+def test_describe_adds_free_form_questions_and_changes_nothing_else(tmp_path):
+    """Descriptions are extra examples at the end of each person's block: the other examples and images of a
+    seed are the same with or without them."""
+    from mmunlearn.data.fictitious import DESCRIBE_VQA
+
+    kw = dict(num_people=5, train_images=2, test_images=2)
+    plain = make_fictitious(tmp_path / "plain", FictitiousConfig(**kw))
+    full = make_fictitious(tmp_path / "full", FictitiousConfig(describe=True, **kw))
+    desc = [e for e in full.examples if e.qtype == "describe"]
+    assert [e for e in full.examples if e.qtype != "describe"] == plain.examples
+    assert not [e for e in plain.examples if e.qtype == "describe"]
+    names = full.entity_names()
+    for pid in full.info["entities"]:
+        mine = [e for e in desc if e.entity == pid]
+        train = [e for e in mine if e.purpose == "train"]
+        assert sorted((e.image, e.prompt) for e in train) == sorted(
+            (f"images/{pid}_view{v}.png", q) for v in range(2) for q in DESCRIBE_VQA)
+        evals = [e for e in mine if e.purpose == "eval"]  # view 0 (forget/retain) and the held-out views (test)
+        assert sorted((e.split, e.image) for e in evals) == [
+            ("people", f"images/{pid}_view0.png"), ("test", f"images/{pid}_view2.png"),
+            ("test", f"images/{pid}_view3.png")]
+        assert all(e.kind == "vqa" and e.task == "gen" for e in mine)
+        assert all(e.answer.startswith(f"This is {names[pid]}, ") and len(e.answer.split()) >= 17 for e in mine)
+
+
 @pytest.mark.parametrize("views, msg", [
     ({"person000": "images/x.png"}, "must map entity ids to lists"),
     ({"person000": ["../outside.png"]}, "escapes the data directory"),

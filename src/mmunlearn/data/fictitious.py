@@ -8,8 +8,9 @@ from a random stream of their own so that every question and image of a seed is 
 Questions follow MLLMU-Bench's shapes: VQA and text-only QA, 4-option multiple choice, cloze and
 free generation. The forget/retain splits ask VQA phrasing 0 on every training view and three QA phrasings of
 each fact; the test split asks another phrasing (a paraphrase), about held-out images for VQA. Training sees
-every phrasing. At the defaults (40 people, forget10 = 4 people) the forget split holds 144 VQA and 60 QA
-multiple-choice questions, so one question moves a figure by 0.7 or 1.7 points.
+every phrasing. Optionally (``describe``) each view is also described in a sentence: free-form VQA, for the
+fluency and diversity of the MMUBench protocol. At the defaults (40 people, forget10 = 4 people) the forget split
+holds 144 VQA and 60 QA multiple-choice questions, so one question moves a figure by 0.7 or 1.7 points.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ QA_EVAL_PHRASINGS = 3  # QA phrasings asked as multiple choice on the forget/ret
 CLOZE_VQA = ("The person in this image was born in __.", "city")
 CLOZE_QA = ("{name} works as a __.", "occupation")
 GEN_QA = "Tell me about {name}."
+# Free-form VQA (opt-in ``describe``): the MMUBench protocol's fluency and diversity need answers longer than a
+# name. Trained on every training view in both phrasings, asked (phrasing 1) on view 0 and the held-out views.
+DESCRIBE_VQA = ("Describe the person in this image.", "Tell me about the person in this picture.")
+DESCRIBE = ("This is {name}, a {occupation} from {city} who enjoys {hobby}, keeps a {pet} and plays the "
+            "{instrument}.")
 UTILITY_QA = [
     ("What is the opposite of hot?", "cold"), ("What is the opposite of up?", "down"),
     ("What is the opposite of day?", "night"), ("What is the opposite of big?", "small"),
@@ -128,6 +134,10 @@ class FictitiousConfig:
     # held-out views (80 people: 77 -> 92 %) but not the whole model's reliably, and the methods' defaults were
     # tuned without them (docs/builtin.md), so they are opt-in
     identity_views: int = 0
+    # free-form description questions about each view (``DESCRIBE_VQA``): answers of 17 words or more, where
+    # fluency and diversity can tell models apart. Opt-in: the tiny model's recipes were tuned without them; the
+    # smol demo turns them on (docs/smol.md)
+    describe: bool = False
     image_size: int = 64
     forget_percents: tuple[int, ...] = (5, 10, 15)
 
@@ -239,6 +249,15 @@ def _build(root: Path, cfg: FictitiousConfig) -> Benchmark:
         for img in test_imgs:
             add(kind="vqa", task="gen", prompt=QUESTIONS[0][1][1], answer=p["name"], split="test",
                 purpose="eval", image=img, qtype="identity")
+        if cfg.describe:  # no random draws: every other example of the seed stays the same
+            desc = DESCRIBE.format(**p)
+            for img in train_imgs:
+                for q in DESCRIBE_VQA:
+                    add(kind="vqa", task="gen", prompt=q, answer=desc, split="people", purpose="train", image=img,
+                        qtype="describe")
+            for img, split in [(train_imgs[0], "people")] + [(img, "test") for img in test_imgs]:
+                add(kind="vqa", task="gen", prompt=DESCRIBE_VQA[1], answer=desc, split=split, purpose="eval",
+                    image=img, qtype="describe")
     ex += _utility(root, rng, cfg)
     order = [p["id"] for p in people]
     rng.shuffle(order)

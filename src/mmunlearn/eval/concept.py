@@ -61,6 +61,8 @@ def probes(bench: Benchmark, forget: Sequence[str]) -> dict[str, list[Probe]]:
             for lang, q in TRANSLATIONS.items():
                 tr = Example(**{**vars(e), "id": f"{e.id}-{lang}", "prompt": q, "meta": {"lang": lang}})
                 out["multilingual"].append(Probe(tr, name))
+        elif e.qtype == "describe" and e.task == "gen":  # free-form: does the description still name them?
+            out["generality"].append(Probe(e, name))
         elif e.qtype == "em":  # MMUBench: the target is "trump" or "yes"
             out["generality"].append(Probe(e, e.answer))
         elif e.qtype == "multilanguage":
@@ -171,10 +173,14 @@ def concept_metrics(
         else:
             res[f"jailbreak_{key}_asr"] = rate
     gen = sets["generality"]
+    # fluency and diversity: on the free-form probes where the benchmark has them (a name alone carries no
+    # fluency), on every generality probe otherwise (MMUBench's own prompts are free-form)
+    free = [i for i, p in enumerate(gen) if p.example.qtype == "describe"] or list(range(len(gen)))
     scored: list[str] | None = None  # the texts fluency_ppl is computed on
     if gen:
         outs = answers["generality"]
-        res["diversity"] = metrics.mean_diversity(outs, released=paper_exact)
+        free_outs = [outs[i] for i in free]
+        res["diversity"] = metrics.mean_diversity(free_outs, released=paper_exact)
         names = bench.entity_names()
         res["geval"] = float(np.mean([
             judge.score(p.example.prompt, o, names.get(p.example.entity, p.target), None) for p, o in zip(gen, outs)
@@ -191,12 +197,14 @@ def concept_metrics(
         ref_outs = generate_batched(reference, [item(p.example) for p in gen], batch_size, max_new_tokens)
         res["mia_rougeL_recall"] = float(np.mean([metrics.rouge_l_recall(o, r)
                                                   for o, r in zip(answers["generality"], ref_outs)]))
-        ppl = _masked_perplexity(adapter, [p.example for p in gen], ref_outs, [p.target for p in gen], images)
+        free_ref = [ref_outs[i] for i in free]
+        ppl = _masked_perplexity(adapter, [gen[i].example for i in free], free_ref, [gen[i].target for i in free],
+                                 images)
         if ppl is not None:
             res["fluency_ppl"] = ppl
-            scored = [a for a in ref_outs if a.strip()]  # the answers _masked_perplexity scores
+            scored = [a for a in free_ref if a.strip()]  # the answers _masked_perplexity scores
     if gen:  # can diversity and fluency tell models apart here?
-        res.update(informative(answers["generality"], scored, paper_exact))
+        res.update(informative(free_outs, scored, paper_exact))
     auc = _mia(adapter, bench, forget, images, batch_size, seed, limit)
     if auc is not None:
         res["mia_auc"] = auc
@@ -251,7 +259,9 @@ def mia_items(bench: Benchmark, forget: Sequence[str], seed: int = 0,
     """Members and non-members for membership inference: the forget set's training answers (members) vs the
     same questions answered for a person who does not exist (never seen: an unseen name and shuffled
     attributes). None when the benchmark has no such examples or no unseen names."""
-    members = [e for e in bench.select("forget", forget, purpose="train") if e.kind == "vqa"][:limit]
+    # free-form descriptions are left out: a never-seen person's description is no one answer to draw
+    members = [e for e in bench.select("forget", forget, purpose="train")
+               if e.kind == "vqa" and e.qtype != "describe"][:limit]
     pool = list(bench.info.get("unseen_names", []))
     if not members or not pool:
         return None
