@@ -51,6 +51,8 @@ def test_demo_options_merge_into_the_demos_benchmark_size():
     assert cfg.finetune.stop_accuracy > 0  # sized by early stopping, not a fixed cap
     smol = C.load(DemoConfig, None, [], base={"model": "smol", **defaults()})
     assert (smol.data.num_people, smol.eval.forget_set) == (8, "forget15")
+    assert smol.data.describe and smol.eval.max_new_tokens == 40  # free-form answers, generated in full
+    assert not cfg.data.describe and cfg.eval.max_new_tokens == 24
     explicit = C.load(DemoConfig, None, ["data.num_people=40", "eval.forget_set=forget10"], base=defaults())
     assert (explicit.data.num_people, explicit.eval.forget_set) == (40, "forget10")
 
@@ -79,3 +81,30 @@ def test_the_fast_demo_runs_every_stage_through_the_pool(tmp_path):
     for key in ("finetune", "finetune_oracle", "unlearn_ga", "unlearn_mmunlearner", "verify_oracle"):
         assert key in res["timings_seconds"]
     assert "finetune" not in read_json_object(tmp_path / "results.json", what="results")["timings_seconds"]
+
+
+def test_a_thread_scaling_model_trains_the_vanilla_on_every_thread_first(tmp_path, monkeypatch):
+    """Where a model's step scales with threads (smol), the vanilla model trains alone on both threads and the
+    oracle follows in the pool; every job still runs once and the longest unlearning runs are queued first."""
+    from mmunlearn import demo
+    from mmunlearn.demo import DemoConfig, run_demo
+
+    monkeypatch.setitem(demo.THREAD_SCALING, "tiny", True)
+    assert sorted(["ga", "siu", "npo", "mmunlearner"], key=demo._longest_first) == ["mmunlearner", "siu", "ga", "npo"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = DemoConfig(fast=True, methods=("ga",))
+        cfg.finetune.steps, cfg.finetune.vision_warmup_steps = 10, 5
+        run_demo(tmp_path, cfg, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    res = read_json_object(tmp_path / "results.json", what="results")
+    assert list(res["models"]) == ["vanilla", "oracle", "ga"]
+    threads = {n: read_json_object(tmp_path / n / RUN_FILE, what="run record")["log"]["threads"]
+               for n in ("vanilla", "oracle")}
+    assert threads == {"vanilla": 2, "oracle": 1}
+    for name, m in res["models"].items():
+        assert "forget" in m["results"] and m["verification"]["verdict"], name
+    assert {"finetune", "finetune_oracle", "unlearn_ga", "verify_ga", "evaluate_oracle"} <= set(res["timings_seconds"])

@@ -10,7 +10,7 @@ over). Writes ``<workdir>/report.md`` and ``report.html`` (for people, with plot
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,11 @@ def demo_verify() -> VerifyConfig:
 
 
 # The built-in benchmark at the size the smol model trains on within about half an hour of 2 CPU cores
-# (docs/smol.md): 8 people, 2 training views and 1 held-out view each.
-SMOL_DATA = {"num_people": 8, "train_images": 2, "test_images": 1}
+# (docs/smol.md): 8 people, 2 training views and 1 held-out view each, each view also described in a sentence
+# (free-form answers, where a pretrained language model's fluency and diversity can be measured).
+SMOL_DATA = {"num_people": 8, "train_images": 2, "test_images": 1, "describe": True}
+# generated tokens per answer: a description takes up to 33 of SmolLM2's tokens, end of turn included
+SMOL_NEW_TOKENS = 40
 MODELS = ("tiny", "smol")
 
 
@@ -88,6 +91,20 @@ def defaults() -> dict:
     """The demo's benchmark size and forget set as options, under which a file or ``--set`` options merge (so
     ``--set data.seed=3`` keeps the demo's 20 people)."""
     return {"data": C.to_dict(demo_data()), "eval": {"forget_set": DEMO_FORGET}}
+
+# Whether a model's training step runs faster on more threads. The smol model's does (a bfloat16 step of the
+# vanilla fine-tune: 1.75 s on 2 threads, about 3.6 s on one beside the oracle; docs/smol.md), so its vanilla
+# model trains on every thread before anything else; the tiny model's matrices are too small for that, so its
+# oracle trains beside it, one thread each.
+THREAD_SCALING = {"tiny": False, "smol": True}
+# Unlearning runs that take longest, in that order, started first so that the short ones fill the other worker
+# (tiny demo: 26-30 s against at most 2.5 s for the others; smol: MMUnlearner 1015 s, SIU 88 s, the others 24-48 s)
+LONGEST_FIRST = ("mmunlearner", "siu")
+
+
+def _longest_first(method: str) -> int:
+    return LONGEST_FIRST.index(method) if method in LONGEST_FIRST else len(LONGEST_FIRST)
+
 
 def _threads(n: int) -> None:
     import torch
@@ -130,11 +147,12 @@ class Workers:
         f.set_result(fn(*args))
         return f
 
-    def here(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` in this process while the pool works: on the threads the pool leaves free."""
+    def here(self, fn, *args, all_threads: bool = False, **kwargs):
+        """``fn(*args, **kwargs)`` in this process: on the threads the pool leaves free, or (``all_threads``,
+        while the pool has nothing to do) on all of them."""
         import torch
 
-        if self.pool is None:
+        if self.pool is None or all_threads:
             return fn(*args, **kwargs)
         torch.set_num_threads(self.threads - self.threads // 2)
         try:
@@ -212,6 +230,8 @@ class DemoConfig:
                 self.finetune = C.build(FinetuneConfig, {**finetune_preset("smol"), "seed": self.finetune.seed})
             if self.eval.forget_set == DEMO_FORGET:  # 2 of the 8 people
                 self.eval.forget_set = "forget15"
+            if self.eval.max_new_tokens == EvalConfig().max_new_tokens:
+                self.eval.max_new_tokens = SMOL_NEW_TOKENS
             if self.verify == demo_verify():  # a pretrained model: the standard full-parameter attack
                 self.verify = VerifyConfig(relearn=[RelearnSetting("full", lr=2e-5)], mia_limit=64)
             asked = self.method_overrides  # wins over the sizing, field by field
@@ -251,51 +271,77 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
     bar = tqdm(total=len(todo) + len(models) + (len(models) + 2) * cfg.oracle, desc="unlearn, evaluate, verify",
                disable=not progress)
 
-    def done(f: Future):
-        out = f.result()
-        bar.update()
-        return out
-
-    # The oracle trains in the pool while the vanilla model trains here; every job that needs only the vanilla
-    # model (unlearning, evaluations) starts as soon as it is there, the oracle's own jobs once it is.
+    # Jobs start as soon as what they need is there: unlearning and evaluations once the vanilla model is,
+    # the oracle's evaluation and the two reference measurements once the oracle is, every model's verification
+    # once those measurements and the model are. Where the model's training step scales with threads (smol) the
+    # vanilla model trains on all of them first; elsewhere (tiny) the oracle trains in the pool beside it.
+    oracle_cfg = C.build(FinetuneConfig, {**C.to_dict(cfg.finetune), "exclude_forget": cfg.eval.forget_set,
+                                          "exclude_kinds": ORACLE_EXCLUDES})
+    beside = not THREAD_SCALING[cfg.model]
+    unlearn_cfg = {m: C.build(UnlearnConfig, {"method": m, "forget_set": cfg.eval.forget_set,
+                                              **cfg.method_overrides.get(m, {})}, f"method_overrides.{m}")
+                   for m in todo}
     with Workers() as workers, bar:
-        oracle_f = None
-        if cfg.oracle and not (oracle / cmd.RUN_FILE).is_file():
-            ocfg = C.build(FinetuneConfig, {**C.to_dict(cfg.finetune), "exclude_forget": cfg.eval.forget_set,
-                                            "exclude_kinds": ORACLE_EXCLUDES})
-            oracle_f = workers.submit(_finetune_job, d, cfg.model, str(oracle), ocfg, cfg.dtype)
+        jobs: dict[Future, tuple[str, str]] = {}
+        ready: set[str] = set()  # the models that exist, once their evaluation is submitted
+        measured: dict[str, dict] = {}
+
+        def submit(kind: str, name: str, fn, *args) -> None:
+            jobs[workers.submit(fn, *args)] = (kind, name)
+
+        def on_model(name: str) -> None:  # a model exists: evaluate it, and verify it once the references are in
+            ready.add(name)
+            submit("evaluate", name, _evaluate_job, d, models[name]["path"], ecfg, cfg.dtype)
+            if len(measured) == 2:
+                submit("verify", name, _verify_job, models[name]["path"], d, v, str(oracle), vcfg, measured, cfg.dtype)
+
+        def on_oracle() -> None:
+            on_model("oracle")
+            for p in (v, str(oracle)):  # vanilla and the oracle are measured once, for every model's comparison
+                submit("measure", p, _measure_job, p, d, vcfg, cfg.dtype)
+
+        oracle_todo = cfg.oracle and not (oracle / cmd.RUN_FILE).is_file()
+        if oracle_todo and beside:
+            submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
         if not (vanilla / cmd.RUN_FILE).is_file():
             rec = workers.here(cmd.run_finetune, d, cfg.model, v, cfg.finetune, overwrite=True, progress=progress,
-                               dtype=cfg.dtype)
+                               dtype=cfg.dtype, all_threads=not beside)
             timings["finetune"] = rec["log"]["train_seconds"]
-        unlearn_f = {m: workers.submit(_unlearn_job, d, v, str(out), C.build(UnlearnConfig, {
-            "method": m, "forget_set": cfg.eval.forget_set, **cfg.method_overrides.get(m, {})},
-            f"method_overrides.{m}"), cfg.dtype) for m, out in methods.items() if m in todo}
-        eval_f = {"vanilla": workers.submit(_evaluate_job, d, v, ecfg, cfg.dtype)}
-        for m, f in unlearn_f.items():
-            timings[f"unlearn_{m}"] = done(f)
-            eval_f[m] = workers.submit(_evaluate_job, d, models[m]["path"], ecfg, cfg.dtype)
-        for m in methods:  # those unlearned by an earlier call
-            if m not in eval_f:
-                eval_f[m] = workers.submit(_evaluate_job, d, models[m]["path"], ecfg, cfg.dtype)
-        if cfg.oracle:
-            if oracle_f is not None:
-                timings["finetune_oracle"] = oracle_f.result()["log"]["train_seconds"]
-            eval_f["oracle"] = workers.submit(_evaluate_job, d, str(oracle), ecfg, cfg.dtype)
-            # vanilla and the oracle are measured once, side by side, for every model's comparison
-            measure_f = {p: workers.submit(_measure_job, p, d, vcfg, cfg.dtype) for p in (v, str(oracle))}
-        for name in models:
-            res = done(eval_f[name])
-            models[name].update(results=res["results"], mode=res["mode"])
-            timings[f"evaluate_{name}"] = res["seconds"]
+        for i, m in enumerate(sorted(todo, key=_longest_first)):  # the longest jobs first
+            submit("unlearn", m, _unlearn_job, d, v, str(methods[m]), unlearn_cfg[m], cfg.dtype)
+            if i == 0 and oracle_todo and not beside:
+                submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+        if oracle_todo and not beside and not todo:
+            submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+        for name in ["vanilla"] + [m for m in methods if m not in todo]:
+            on_model(name)
+        if cfg.oracle and not oracle_todo:
+            on_oracle()
+        while jobs:
+            for f in wait(jobs, return_when=FIRST_COMPLETED).done:
+                kind, name = jobs.pop(f)
+                out = f.result()
+                if kind == "oracle":
+                    timings["finetune_oracle"] = out["log"]["train_seconds"]
+                    on_oracle()
+                    continue
+                bar.update()
+                if kind == "unlearn":
+                    timings[f"unlearn_{name}"] = out
+                    on_model(name)
+                elif kind == "evaluate":
+                    models[name].update(results=out["results"], mode=out["mode"])
+                    timings[f"evaluate_{name}"] = out["seconds"]
+                elif kind == "measure":
+                    measured[name] = out
+                    if len(measured) == 2:
+                        for m in sorted(ready, key=list(models).index):
+                            submit("verify", m, _verify_job, models[m]["path"], d, v, str(oracle), vcfg, measured,
+                                   cfg.dtype)
+                else:
+                    models[name]["verification"], timings[f"verify_{name}"] = out
         for m in methods:
             models[m]["history"] = read_json_object(methods[m] / cmd.RUN_FILE, what="run record").get("history", [])
-        if cfg.oracle:
-            measured = {p: done(f) for p, f in measure_f.items()}
-            verify_f = {name: workers.submit(_verify_job, m["path"], d, v, str(oracle), vcfg, measured, cfg.dtype)
-                        for name, m in models.items()}
-            for name, f in verify_f.items():
-                models[name]["verification"], timings[f"verify_{name}"] = done(f)
     timings["total"] = round(time.time() - t0, 1)
     results = {
         "version": RESULTS_VERSION,
