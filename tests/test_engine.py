@@ -72,3 +72,39 @@ def test_dtype_step_bench_times_the_fine_tuning_step_in_both_dtypes(small_bench)
     assert run.returncode == 0, run.stderr[-2000:]
     m = re.search(r"float32 ([\d.]+) s/step, bfloat16 ([\d.]+) s/step, ratio ([\d.]+)", run.stdout)
     assert m and float(m[1]) > 0 and float(m[2]) > 0, run.stdout
+
+
+def test_fused_adamw_on_the_cpu_trains_like_the_for_loop_step(small_bench, monkeypatch):
+    """From ``FUSED_CPU_FROM`` parameters on (the smol model) the CPU's AdamW is fused: the same weights as the
+    for-loop step within float tolerance, masked ``update`` steps included (entries outside the mask, moments
+    too, stay put); the tiny model keeps the for-loop step."""
+    import copy
+
+    from mmunlearn.train import engine as E
+
+    a = open_model("tiny", small_bench)
+    b = copy.deepcopy(a)
+    cfg = OptimConfig(lr=1e-2, max_steps=4, trainable=("language",), scheduler="constant")
+    loop = Engine(a, cfg)
+    assert not loop.fused
+    monkeypatch.setattr(E, "FUSED_CPU_FROM", 0)
+    fused = Engine(b, cfg)
+    assert fused.fused and fused.torch_optimizer.defaults["fused"]
+    params = dict(a.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in params.items()
+             if a.group_of(n) == "language" and p.dim() == 2 and "proj" in n}
+    stream = _stream(a, small_bench)
+    for i in range(4):
+        batch = next(stream)
+        mask = masks if i % 2 else None  # masked ascent steps between plain descent steps
+        sign = -1.0 if i % 2 else 1.0
+        before = {n: p.detach().clone() for n, p in b.model.named_parameters()}
+        loop.step(lambda batch=batch, sign=sign: (sign * ce_loss(a, batch), {}), mask)
+        fused.step(lambda batch=batch, sign=sign: (sign * ce_loss(b, batch), {}), mask)
+        if mask:
+            for n, p in b.model.named_parameters():
+                if n in mask:
+                    assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]]), n
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=n)

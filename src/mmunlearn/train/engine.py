@@ -45,6 +45,10 @@ from mmunlearn.train.sparse import SparseTrainer
 
 GROUPS = ("vision", "projector", "language")
 CHECKPOINT_ABOVE = 1_000_000_000  # parameters; gradient checkpointing on by default above this
+# On the CPU, from this many parameters on, AdamW runs fused (one kernel over every tensor): a step over 148M fp32
+# parameters took 0.08 s instead of the for-loop's 0.30 s (2 threads), a sixth of a smol training step. Below it
+# (the tiny model) the for-loop step stays, the one its documented results come from; GPUs keep torch's default.
+FUSED_CPU_FROM = 100_000_000
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MaskLike = torch.Tensor | PackedMask
 MASTER, SPARSE = "master::", "sparse::"  # keys of fp32 masters and sparse entries in a checkpoint
@@ -178,8 +182,12 @@ class Engine:
             self.masters = MasterWeights([] if self.zero3 else [p for g in param_groups for p in g["params"]])
             for g in param_groups:
                 g["params"] = [self.masters.of(p) for p in g["params"]]
+        self.fused = (self.sparse is None and not self.zero3 and D.world() == 1
+                      and all(p.device.type == "cpu" for g in param_groups for p in g["params"])
+                      and adapter.num_parameters() >= FUSED_CPU_FROM)
         self.optimizer = self.torch_optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr,
-                                                                  weight_decay=cfg.weight_decay)
+                                                                  weight_decay=cfg.weight_decay,
+                                                                  **({"fused": True} if self.fused else {}))
         self.scheduler = get_scheduler(
             cfg.scheduler, self.torch_optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
         )
