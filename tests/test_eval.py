@@ -107,3 +107,18 @@ def test_generation_perplexity_is_that_of_the_reference_answers(tiny, small_benc
     lps = [v for row in answer_logprobs(tiny, [Item(e.prompt, e.answer, images.get(e)) for e in gen]) for v in row]
     assert res["retain"]["qa"]["gen_ppl"] == pytest.approx(math.exp(-sum(lps) / len(lps)), rel=1e-4)
     assert res["retain"]["qa"]["gen_ppl"] > 1
+
+
+def test_the_evaluation_cache_is_kept_apart_per_dtype(tmp_path, small_bench):
+    """A model scored in float32 and then in bfloat16 is scored twice: the cache key holds the dtype."""
+    from mmunlearn.commands import run_finetune
+    from mmunlearn.train.finetune import FinetuneConfig
+
+    data, model = str(small_bench.root), str(tmp_path / "m")
+    run_finetune(data, "tiny", model, FinetuneConfig(steps=2, vision_warmup_steps=0, stop_accuracy=0.0, save_every=0),
+                 progress=False)
+    cfg = EvalConfig(forget_set="forget15", splits=["forget"], protocols=[], cache_dir=str(tmp_path / "cache"))
+    first = run_evaluate(data, model, cfg, progress=False)
+    again = run_evaluate(data, model, cfg, progress=False)
+    assert first["cached_units"] == 0 < again["cached_units"] and again["results"] == first["results"]
+    assert run_evaluate(data, model, cfg, progress=False, dtype="bfloat16")["cached_units"] == 0

@@ -111,6 +111,10 @@ def test_sigterm_saves_a_checkpoint_and_finetune_resumes(tmp_path, capsys, small
     err = capsys.readouterr().err
     assert code == 2 and "config.lr is 0.001 there, 0.5 here" in err, err
     assert len(leftovers(out)) == 1
+    code = main(["finetune", "--data", data, "--out", str(out), *FT, "--dtype", "bfloat16", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dtype is 'float32' there, 'bfloat16' here" in err, err
+    assert len(leftovers(out)) == 1
 
     assert main(["finetune", "--data", data, "--out", str(out), *FT, "--resume"]) == 0
     assert not leftovers(out)

@@ -67,7 +67,9 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
     bench = D.agree(lambda: _validate_finetune(data, model, out, cfg, family, overwrite, protect))
     inputs = M.inputs(data, model)
     config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
-    fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs}
+    # the weights' dtype too: a float32 run does not continue a bfloat16 one's checkpoint
+    fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs,
+                   "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
@@ -142,7 +144,7 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
     if cfg.cache and Path(model).is_dir():
         cache = EvalCache(
             cfg.cache_dir or default_cache_dir(), fingerprint(model), fingerprint(Path(data) / "examples.jsonl"),
-            fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg),
+            fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg), str(resolve_dtype(dtype)),
         )
     t0 = time.time()
     res = {"model": model, "data": str(Path(data).resolve()), "mode": mode_of(cfg), "config": C.to_dict(cfg),

@@ -392,6 +392,7 @@ def run_unlearn(
     Inputs are validated before the model is loaded; ``resume`` continues an interrupted run into ``out``.
     """
     from mmunlearn import commands as cmd  # commands imports the training modules
+    from mmunlearn.models import resolve_dtype
 
     t0 = time.time()
     resolved = cfg.resolved()
@@ -399,7 +400,7 @@ def run_unlearn(
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
     inputs = M.inputs(data, model)
     fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
-                   "inputs": inputs}
+                   "inputs": inputs, "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
