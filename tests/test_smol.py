@@ -152,9 +152,11 @@ def test_smol_demo_computes_in_bfloat16_where_the_cpu_does_natively(monkeypatch,
 def test_smol_demo_sizes_mmunlearner_for_its_forget_set_under_explicit_overrides():
     from mmunlearn.demo import DemoConfig
 
-    assert DemoConfig(model="smol").method_overrides == {"mmunlearner": {"epochs": 5.0}}
-    asked = DemoConfig(model="smol", method_overrides={"ga": {"lr": 1e-4}, "mmunlearner": {"epochs": 2.0, "lr": 2e-5}})
-    assert asked.method_overrides == {"mmunlearner": {"epochs": 2.0, "lr": 2e-5}, "ga": {"lr": 1e-4}}
+    sized = {"lr": 3e-4, "epochs": 4.0, "trainable": ["vision", "projector"], "retain_kinds": ["vqa"],
+             "method_options": {"groups": ["vision"], "interval": 1}}
+    assert DemoConfig(model="smol").method_overrides == {"mmunlearner": sized}
+    asked = DemoConfig(model="smol", method_overrides={"ga": {"lr": 1e-4}, "mmunlearner": {"epochs": 2.0, "lr": 3e-5}})
+    assert asked.method_overrides == {"mmunlearner": {**sized, "epochs": 2.0, "lr": 3e-5}, "ga": {"lr": 1e-4}}
     assert DemoConfig(model="tiny").method_overrides == {}
 
 

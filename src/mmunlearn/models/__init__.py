@@ -39,7 +39,7 @@ def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
 
 def cpu_has_bf16() -> bool:
     """Whether this machine trains on the CPU and its CPU computes in bfloat16 natively (AVX512-BF16 or AMX):
-    there a smol training step takes 0.56 of its float32 time (bench/dtype_step.py); elsewhere bfloat16 is emulated."""
+    there a smol training step takes 0.58 of its float32 time (bench/dtype_step.py); elsewhere bfloat16 is emulated."""
     if torch.cuda.is_available():
         return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU probes (private: guarded)
