@@ -96,9 +96,9 @@ def defaults() -> dict:
     return {"data": C.to_dict(demo_data()), "eval": {"forget_set": DEMO_FORGET}}
 
 # Whether a model's training step runs faster on more threads. The smol model's does (its demo, seed 0: the
-# vanilla fine-tune took 1.2 s a step on 2 threads, the oracle 2.3 s on one, stop checks included; docs/smol.md),
-# so its vanilla model trains on every thread before anything else; the tiny model's matrices are too small for
-# that, so its oracle trains beside it, one thread each.
+# vanilla fine-tune took 1.2 s a step on 2 threads, the oracle 2.3 s on one, alignment and stop checks included;
+# docs/smol.md), so its vanilla model trains on every thread before anything else; the tiny model's matrices are
+# too small for that, so its oracle trains beside it, one thread each.
 THREAD_SCALING = {"tiny": False, "smol": True}
 # Unlearning runs that take longest, in that order, started first so that the short ones fill the other worker
 # (tiny demo: 26-30 s against at most 2.5 s for the others; smol, seed 1: MMUnlearner 206 s, SIU 69 s, the others
@@ -304,19 +304,22 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
             for p in (v, str(oracle)):  # vanilla and the oracle are measured once, for every model's comparison
                 submit("measure", p, _measure_job, p, d, vcfg, cfg.dtype)
 
+        def train_oracle() -> None:
+            submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+
         oracle_todo = cfg.oracle and not (oracle / cmd.RUN_FILE).is_file()
         if oracle_todo and beside:
-            submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+            train_oracle()
         if not (vanilla / cmd.RUN_FILE).is_file():
             rec = workers.here(cmd.run_finetune, d, cfg.model, v, cfg.finetune, overwrite=True, progress=progress,
                                dtype=cfg.dtype, all_threads=not beside)
             timings["finetune"] = rec["log"]["train_seconds"]
         for i, m in enumerate(sorted(todo, key=_longest_first)):  # the longest jobs first
             submit("unlearn", m, _unlearn_job, d, v, str(methods[m]), unlearn_cfg[m], cfg.dtype)
-            if i == 0 and oracle_todo and not beside:
-                submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+            if i == 0 and oracle_todo and not beside:  # beside the longest one
+                train_oracle()
         if oracle_todo and not beside and not todo:
-            submit("oracle", "oracle", _finetune_job, d, cfg.model, str(oracle), oracle_cfg, cfg.dtype)
+            train_oracle()
         for name in ["vanilla"] + [m for m in methods if m not in todo]:
             on_model(name)
         if cfg.oracle and not oracle_todo:
