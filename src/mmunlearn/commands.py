@@ -15,7 +15,7 @@ from mmunlearn.data.schema import Benchmark
 from mmunlearn.errors import ConfigError, DataError, ModelError
 from mmunlearn.eval.cache import EvalCache, default_cache_dir, fingerprint
 from mmunlearn.eval.runner import EvalConfig, evaluate, mode_of
-from mmunlearn.models import FAMILIES, ModelAdapter, load_adapter, resolve_dtype
+from mmunlearn.models import FAMILIES, ModelAdapter, dtype_name, load_adapter, resolve_dtype
 from mmunlearn.models.llava import LlavaAdapter
 from mmunlearn.models.tiny import TinyConfig, build_tiny
 from mmunlearn.outputs import check_output_dir, rank_zero_dir, write_json
@@ -69,7 +69,7 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
     config = {k: v for k, v in C.to_dict(cfg).items() if k != "save_every"}  # saving more often may change
     # the weights' dtype too: a float32 run does not continue a bfloat16 one's checkpoint
     fingerprint = {"command": "finetune", "config": config, "family": family, "inputs": inputs,
-                   "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
+                   "dtype": dtype_name(dtype)}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, cfg.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
@@ -79,7 +79,7 @@ def run_finetune(data: str, model: str, out: str, cfg: FinetuneConfig, family: s
         V.check_finite_weights(dict(adapter.model.named_parameters()))
         export(adapter, tmp, merge=True)
         record = {"command": "finetune", "data": str(Path(data).resolve()), "base_model": model,
-                  "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
+                  "dtype": dtype_name(next(adapter.model.parameters()).dtype),
                   "config": C.to_dict(cfg), "log": log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if D.world() > 1:
             record["processes"] = D.world()

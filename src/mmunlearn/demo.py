@@ -293,11 +293,14 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
         def submit(kind: str, name: str, fn, *args) -> None:
             jobs[workers.submit(fn, *args)] = (kind, name)
 
+        def verify(name: str) -> None:
+            submit("verify", name, _verify_job, models[name]["path"], d, v, str(oracle), vcfg, measured, cfg.dtype)
+
         def on_model(name: str) -> None:  # a model exists: evaluate it, and verify it once the references are in
             ready.add(name)
             submit("evaluate", name, _evaluate_job, d, models[name]["path"], ecfg, cfg.dtype)
             if len(measured) == 2:
-                submit("verify", name, _verify_job, models[name]["path"], d, v, str(oracle), vcfg, measured, cfg.dtype)
+                verify(name)
 
         def on_oracle() -> None:
             on_model("oracle")
@@ -343,8 +346,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig, progress: bool = True) -> Pat
                     measured[name] = out
                     if len(measured) == 2:
                         for m in sorted(ready, key=list(models).index):
-                            submit("verify", m, _verify_job, models[m]["path"], d, v, str(oracle), vcfg, measured,
-                                   cfg.dtype)
+                            verify(m)
                 else:
                     models[name]["verification"], timings[f"verify_{name}"] = out
         for m in methods:

@@ -20,8 +20,8 @@ ADAPTERS.register("qwen2-vl")(Qwen2VLAdapter)
 ADAPTERS.register("smol")(SmolAdapter)
 FAMILIES = ("tiny", *ADAPTERS.names())
 
-__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "cpu_has_bf16", "family_of", "load_adapter",
-           "resolve_dtype"]
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "Item", "ModelAdapter", "cpu_has_bf16", "dtype_name", "family_of",
+           "load_adapter", "resolve_dtype"]
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -35,6 +35,11 @@ def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, name)
+
+
+def dtype_name(name: str | torch.dtype = "auto") -> str:
+    """The dtype a name resolves to, as run records and fingerprints write it: ``float32``, ``bfloat16``, ..."""
+    return str(resolve_dtype(name)).removeprefix("torch.")
 
 
 def cpu_has_bf16() -> bool:

@@ -392,7 +392,7 @@ def run_unlearn(
     Inputs are validated before the model is loaded; ``resume`` continues an interrupted run into ``out``.
     """
     from mmunlearn import commands as cmd  # commands imports the training modules
-    from mmunlearn.models import resolve_dtype
+    from mmunlearn.models import dtype_name
 
     t0 = time.time()
     resolved = cfg.resolved()
@@ -400,7 +400,7 @@ def run_unlearn(
     protect = tuple(p for p in (model, data) if Path(p).is_dir())
     inputs = M.inputs(data, model)
     fingerprint = {"command": "unlearn", "config": resume_relevant(C.to_dict(resolved)), "family": family,
-                   "inputs": inputs, "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
+                   "inputs": inputs, "dtype": dtype_name(dtype)}
     with rank_zero_dir(out, overwrite=overwrite, protect=protect, resume=resume) as tmp:
         checkpoints = Checkpointer(tmp, resolved.save_every, fingerprint) if D.world() == 1 else None
         if checkpoints is not None:
@@ -408,7 +408,7 @@ def run_unlearn(
         adapter = cmd.open_model(model, bench, family, dtype)
         log = unlearn(adapter, bench, cfg, tmp, progress=progress and D.is_main(), checkpoints=checkpoints)
         record = {"command": "unlearn", "method": cfg.method, "data": str(Path(data).resolve()), "base_model": model,
-                  "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
+                  "dtype": dtype_name(next(adapter.model.parameters()).dtype),
                   **log, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if D.world() > 1:
             record["processes"] = D.world()
