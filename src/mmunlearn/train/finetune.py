@@ -3,8 +3,9 @@
 For a randomly initialised vision tower (the ``tiny`` model) an image-only warm-up comes first: the vision
 tower and projector learn to tell the training identities apart (a linear identity head on the mean image
 token, with geometric and colour augmentation), the analogue of a real MLLM's pretrained vision encoder. It
-also sees the benchmark's question-free views of those identities if it has any, and then grows with their
-number.
+also sees the benchmark's question-free views of those identities if it has any. Its length grows with the
+number of people: telling more people apart on views no training showed takes more than proportionally more
+steps when each person has only a few training views.
 A model whose projector is new (the ``smol`` model: pretrained encoder and LM, random projector) first gets a
 projector-only alignment (``align_steps``, LLaVA's stage 1) on the benchmark's image-text training pairs.
 Then every training example (VQA, text QA, utility) goes through the one engine; text-only and utility
@@ -57,11 +58,13 @@ class FinetuneConfig:
     trainable: tuple[str, ...] = ("vision", "projector", "language")
     lora: LoraOptions | None = None
     oversample_text: int = 3
-    # the warm-up's length up to ``vision_warmup_identities`` identities with question-free views (the built-in
-    # benchmark's opt-in ``identity_views``), growing in proportion beyond; without such views it is fixed
-    # (docs/builtin.md: sized so, the warm-up named 92-97 % of held-out views at 40-160 people)
+    # the warm-up's length up to ``vision_warmup_identities`` people, growing beyond as (people / that) **
+    # ``vision_warmup_power``: 2 for the default layout (six training views per person; docs/builtin.md: 600
+    # steps named 87 % of held-out views at 40 people, 77 % at 80, and 2,400 steps 90 % at 80), 1 where the
+    # benchmark has question-free identity views (opt-in ``identity_views``: 92-97 % at 40-160 people)
     vision_warmup_steps: int = 600
     vision_warmup_identities: int = 40
+    vision_warmup_power: float = 2.0
     vision_warmup_lr: float = 1e-3
     vision_warmup_batch: int = 64
     seed: int = 0
@@ -97,8 +100,9 @@ class FinetuneConfig:
         self.optim()  # validate groups, learning rate and steps before any work starts
         if self.batch_size < 1 or self.oversample_text < 1 or self.vision_warmup_steps < 0:
             raise ConfigError("batch_size and oversample_text must be >= 1, vision_warmup_steps >= 0")
-        if self.vision_warmup_identities < 1:
-            raise ConfigError(f"vision_warmup_identities must be >= 1, got {self.vision_warmup_identities}")
+        if self.vision_warmup_identities < 1 or self.vision_warmup_power < 0:
+            raise ConfigError("vision_warmup_identities must be >= 1 and vision_warmup_power >= 0, got "
+                              f"{self.vision_warmup_identities} and {self.vision_warmup_power}")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
         if not self.exclude_kinds or any(k not in KINDS for k in self.exclude_kinds):
@@ -113,11 +117,13 @@ class FinetuneConfig:
             micro_batch=max(1, self.batch_size // (D.world() * max(1, self.gradient_accumulation))),
         )
 
-    def warmup_steps_for(self, identities: int) -> int:
-        """Vision warm-up steps for ``identities`` entities with question-free views (sized as documented above)."""
+    def warmup_steps_for(self, people: int, power: float | None = None) -> int:
+        """Vision warm-up steps for ``people`` identities (sized as documented above; ``power`` overrides
+        ``vision_warmup_power``)."""
         if self.vision_warmup_steps <= 0:
             return 0
-        return math.ceil(self.vision_warmup_steps * max(1.0, identities / self.vision_warmup_identities))
+        power = self.vision_warmup_power if power is None else power
+        return math.ceil(self.vision_warmup_steps * max(1.0, people / self.vision_warmup_identities) ** power - 1e-9)
 
     def main_steps(self, num_examples: int) -> int:
         """Steps of the main stage: ``steps``, or ``epochs`` passes over ``num_examples``."""
@@ -198,7 +204,9 @@ def vision_warmup(
     # have no image example here, so no class)
     views = {ent: v for ent, v in bench.identity_views().items() if ent in classes and v}
     pairs += [(open_image(p), ent) for ent, paths in sorted(views.items()) for p in paths]
-    steps = cfg.warmup_steps_for(len(views))
+    # grows with the people (not the utility shapes); linearly where question-free views add images per person
+    people = {ent for im, ent in labelled if first[im].split != "utility"}
+    steps = cfg.warmup_steps_for(len(people), 1.0 if views else None)
     pix = adapter.processor.image_processor([im for im, _ in pairs], return_tensors="pt")
     pixel_values = pix["pixel_values"]
     if pixel_values.dim() != 4:
