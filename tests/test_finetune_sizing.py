@@ -68,7 +68,8 @@ def test_untrained_model_gets_nothing_right(small_bench):
 
 
 def test_vision_warmup_grows_with_the_people():
-    cfg = FinetuneConfig()  # 600 steps up to 40 people, then with the square of the people (six views each)
+    assert [FinetuneConfig().warmup_steps_for(n) for n in (0, 40, 160)] == [600, 600, 600]  # fixed by default
+    cfg = FinetuneConfig(vision_warmup_power=2)  # 600 steps up to 40 people, then with the square of the people
     assert [cfg.warmup_steps_for(n) for n in (0, 20, 40, 60, 80, 160)] == [600, 600, 600, 1350, 2400, 9600]
     # linearly where question-free identity views add images per person
     assert [cfg.warmup_steps_for(n, 1.0) for n in (20, 40, 80, 120, 160)] == [600, 600, 1200, 1800, 2400]
@@ -85,7 +86,8 @@ def test_vision_warmup_counts_people_not_utility_shapes(small_bench):
     people = {e.entity for e in ex if e.image is not None and e.split != "utility"}
     shapes = {e.entity for e in ex if e.image is not None and e.split == "utility"}
     assert people and shapes
-    cfg = FinetuneConfig(steps=1, vision_warmup_steps=2, vision_warmup_identities=len(people) // 2)
+    cfg = FinetuneConfig(steps=1, vision_warmup_steps=2, vision_warmup_identities=len(people) // 2,
+                         vision_warmup_power=2)
     warm = vision_warmup(open_model("tiny", small_bench), small_bench, ex, cfg, progress=False)
     assert warm.steps == cfg.warmup_steps_for(len(people)) == math.ceil(2 * (len(people) / (len(people) // 2)) ** 2)
     assert warm.head.out_features == len(people | shapes)
