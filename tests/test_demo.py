@@ -108,3 +108,50 @@ def test_a_thread_scaling_model_trains_the_vanilla_on_every_thread_first(tmp_pat
     for name, m in res["models"].items():
         assert "forget" in m["results"] and m["verification"]["verdict"], name
     assert {"finetune", "finetune_oracle", "unlearn_ga", "verify_ga", "evaluate_oracle"} <= set(res["timings_seconds"])
+
+
+STOPPED_DEMO = """
+import multiprocessing, time, torch
+from mmunlearn.demo import Workers
+torch.set_num_threads(2)
+with Workers() as workers:
+    assert workers.pool is not None
+    jobs = [workers.submit(time.sleep, 120) for _ in range(2)]
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.1)
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    jobs[0].result()
+"""
+
+
+def test_sigterm_stops_the_demos_workers_with_it():
+    """A stopped demo takes its pool with it: no worker runs on, orphaned, after the demo has exited."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_DEMO], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1)  # the jobs are running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    deadline = time.time() + 10
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in pids if _running(p)]
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived the demo"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, exited but not yet reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -9,6 +9,9 @@ over). Writes ``<workdir>/report.md`` and ``report.html`` (for people, with plot
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -110,6 +113,10 @@ def _longest_first(method: str) -> int:
     return LONGEST_FIRST.index(method) if method in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -130,18 +137,37 @@ class Workers:
         self.threads = torch.get_num_threads()
         self.pool = None
         if D.world() == 1 and D.device().type == "cpu" and self.threads >= 2:
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_threads, initargs=(self.threads // 2,))
 
     def __enter__(self) -> Workers:
+        # SIGTERM (a scheduler's stop, ``kill``) unwinds through ``__exit__`` like Ctrl-C, so that the workers stop
+        # with the demo instead of running on, orphaned, until their current job ends
+        self._sigterm = None
+        if self.pool is not None and threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.pool is None:
+            return
+        if exc_type is None:
             self.pool.shutdown(cancel_futures=True)
+        else:  # stopped or failed: the jobs still running are not wanted, so they stop now (SIGTERM first, so
+            # that a fine-tune among them saves its checkpoint for --resume; SIGKILL for what is left after 10 s)
+            running = multiprocessing.active_children()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for p in running:
+                p.terminate()
+            for p in running:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def submit(self, fn, *args) -> Future:
         """``fn(*args)`` in the pool (queued in submission order), or here and now."""
