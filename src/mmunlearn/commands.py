@@ -144,7 +144,7 @@ def run_evaluate(data: str, model: str, cfg: EvalConfig, out: str | None = None,
     if cfg.cache and Path(model).is_dir():
         cache = EvalCache(
             cfg.cache_dir or default_cache_dir(), fingerprint(model), fingerprint(Path(data) / "examples.jsonl"),
-            fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg), str(resolve_dtype(dtype)),
+            fingerprint(cfg.reference) if cfg.reference else None, C.to_dict(cfg), dtype_name(dtype),
         )
     t0 = time.time()
     res = {"model": model, "data": str(Path(data).resolve()), "mode": mode_of(cfg), "config": C.to_dict(cfg),
