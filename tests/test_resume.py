@@ -109,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_and_finetune_resumes(tmp_path, capsys, small
     # a resume with other options is refused and keeps the checkpoint
     code = main(["finetune", "--data", data, "--out", str(out), *FT, "--set", "lr=0.5", "--resume"])
     err = capsys.readouterr().err
-    assert code == 2 and "config.lr is 0.001 there, 0.5 here" in err, err
+    assert code == 2 and "config.lr is 0.0005 there, 0.5 here" in err, err
     assert len(leftovers(out)) == 1
     code = main(["finetune", "--data", data, "--out", str(out), *FT, "--dtype", "bfloat16", "--resume"])
     err = capsys.readouterr().err

@@ -50,7 +50,7 @@ def demo_verify() -> VerifyConfig:
     """Verification with relearning settings scaled to the tiny model.
 
     The standard settings (LoRA r=8 lr 1e-4, full lr 2e-5: about 2x a 7B model's unlearning learning rate) move a
-    4M-parameter model trained at lr 1e-3 hardly at all in the ~10 steps of one epoch; the tiny model's analogue
+    4M-parameter model trained at lr 5e-4 hardly at all in the ~10 steps of one epoch; the tiny model's analogue
     is about 2x the demo methods' unlearning rates (1e-4 to 5e-4): full-parameter at lr 5e-4 (LoRA r=8 at lr 2e-3 is
     the matching LoRA attack, left out to keep the demo short). Membership inference scores 64 of the forget set's
     training answers (evenly spread), for the same reason.
