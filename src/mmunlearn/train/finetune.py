@@ -165,21 +165,28 @@ def training_examples(
     return train + extra * max(0, oversample_text - 1)
 
 
-def augment(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-    """Random rotation (±15°), scale, shift and per-channel gain/offset of a (B, 3, H, W) batch (drawn on the
-    CPU from ``g``, or torch's global generator, which checkpoints save; applied on ``x``'s device)."""
-    n = x.shape[0]
+def augment_draws(n: int, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random rotation (±15°), scale and shift (an affine ``theta``) and per-channel gain and offset for ``n``
+    images, drawn on the CPU from ``g`` or torch's global generator (which checkpoints save)."""
     ang = (torch.rand(n, generator=g) * 2 - 1) * 0.26
     sc = 0.85 + 0.3 * torch.rand(n, generator=g)
     t = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.15
     cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
     theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
     gain = 0.8 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)
-    offset = torch.rand(n, 3, 1, 1, generator=g) * 0.4 - 0.2
-    theta, gain, offset = (v.to(x.device, x.dtype) for v in (theta, gain, offset))
+    return theta, gain, torch.rand(n, 3, 1, 1, generator=g) * 0.4 - 0.2
+
+
+def apply_augment(x: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A (B, 3, H, W) batch transformed by B of ``augment_draws``'s draws, on ``x``'s device and dtype."""
+    theta, gain, offset = (v.to(x.device, x.dtype) for v in draws)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return x * gain + offset
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False) * gain + offset
+
+
+def augment(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    """A (B, 3, H, W) batch with fresh random geometric and colour augmentation (``augment_draws``)."""
+    return apply_augment(x, augment_draws(x.shape[0], g))
 
 
 @dataclass
@@ -272,22 +279,36 @@ def ce_loss(adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tens
     return AS.ce(AS.from_batch(adapter, batch))
 
 
-def augmented(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch with its images augmented as in the warm-up (``augment``); unchanged without (B, 3, H, W)
-    pixel values."""
+def augmented(batch: dict[str, torch.Tensor], draws: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """The batch with its images augmented by ``draws`` (one per image); unchanged without (B, 3, H, W) pixel
+    values."""
     pv = batch.get("pixel_values")
     if pv is None or pv.dim() != 4:
         return batch
-    return {**batch, "pixel_values": augment(pv)}
+    if pv.shape[0] != draws[0].shape[0]:
+        raise ConfigError(f"augment_images: {pv.shape[0]} images in a micro-batch of {draws[0].shape[0]} image "
+                          "examples (one image per example expected); set augment_images=false")
+    return {**batch, "pixel_values": apply_augment(pv, draws)}
 
 
 def micro_steps(adapter: ModelAdapter, stream: BatchStream, accumulation: int, augment_images: bool = False) -> list:
     """The step's closures: this process's micro-batches of the stream's next batch (one closure, the whole
-    batch, on one process without accumulation); ``augment_images`` augments their images."""
+    batch, on one process without accumulation). With ``augment_images`` the whole batch's augmentation is drawn
+    once per step and sliced, so that every split between processes and accumulation trains on the same images
+    (every process draws the same: their generators are seeded alike and draw alike)."""
     examples = stream.next_examples()
-    parts = [examples[s] for s in D.micro_slices(len(examples), accumulation, "a fine-tuning batch")]
-    prep = augmented if augment_images else (lambda b: b)
-    return [lambda p=p: (ce_loss(adapter, prep(adapter.encode(to_items(p, stream.images)))), {}) for p in parts]
+    slices = D.micro_slices(len(examples), accumulation, "a fine-tuning batch")
+    draws = augment_draws(len(examples)) if augment_images else None
+
+    def closure(s: slice):
+        part = examples[s]
+        batch = adapter.encode(to_items(part, stream.images))
+        if draws is not None:
+            rows = torch.tensor([i for i in range(s.start, s.stop) if examples[i].image is not None], dtype=torch.long)
+            batch = augmented(batch, tuple(d[rows] for d in draws))
+        return ce_loss(adapter, batch), {}
+
+    return [lambda s=s: closure(s) for s in slices]
 
 
 def stop_sample(examples: list[Example], per_kind: int, seed: int) -> dict[str, list[Example]]:
