@@ -53,6 +53,8 @@ def test_main_stage_augments_only_when_asked_and_alike_under_accumulation(small_
     assert torch.equal(off[0], plain)
     whole = _pixels_seen(adapter, batch, images, 1, True, monkeypatch)
     assert not torch.allclose(whole[0], plain)
+    torch.manual_seed(3)  # one process, no accumulation: the draws of augmenting the batch's images at once
+    assert torch.equal(whole[0], augment(plain))
     # two micro-batches ([image, text], [image, image]) train on exactly the images of the whole batch
     halves = _pixels_seen(adapter, batch, images, 2, True, monkeypatch)
     assert len(halves) == 2 and torch.allclose(torch.cat(halves), whole[0], atol=1e-6)
