@@ -298,18 +298,16 @@ def micro_steps(adapter: ModelAdapter, stream: BatchStream, accumulation: int, a
     (every process draws the same: their generators are seeded alike and draw alike)."""
     examples = stream.next_examples()
     slices = D.micro_slices(len(examples), accumulation, "a fine-tuning batch")
-    # draw i belongs to the batch's i-th image example (on one process without accumulation: the draws, in order,
-    # of augmenting the batch's images at once)
-    row = torch.cumsum(torch.tensor([e.image is not None for e in examples]), 0) - 1
-    draws = augment_draws(int(row[-1]) + 1) if augment_images else None
+    # draw i belongs to the batch's i-th image example, so a micro-batch's images take a contiguous run of draws
+    # (on one process without accumulation: the draws, in order, of augmenting the batch's images at once)
+    has_image = [e.image is not None for e in examples] if augment_images else []
+    draws = augment_draws(sum(has_image)) if augment_images else None
 
     def closure(s: slice):
-        part = examples[s]
-        batch = adapter.encode(to_items(part, stream.images))
+        batch = adapter.encode(to_items(examples[s], stream.images))
         if draws is not None:
-            rows = torch.tensor([int(row[i]) for i in range(s.start, s.stop) if examples[i].image is not None],
-                                dtype=torch.long)
-            batch = augmented(batch, tuple(d[rows] for d in draws))
+            first = sum(has_image[:s.start])
+            batch = augmented(batch, tuple(d[first:first + sum(has_image[s])] for d in draws))
         return ce_loss(adapter, batch), {}
 
     return [lambda s=s: closure(s) for s in slices]
