@@ -17,6 +17,7 @@ from mmunlearn.methods import answer_states as AS
 from mmunlearn.methods import losses as L
 from mmunlearn.methods import reference as R
 from mmunlearn.methods.base import batch_states, forward_logits, labels_of
+from mmunlearn.methods.siu import SIU
 from mmunlearn.train.engine import Engine, LoraOptions, OptimConfig
 from mmunlearn.train.finetune import training_examples
 from mmunlearn.train.masks import PackedMask, clone_and_restore_step, masked_adamw_step
@@ -219,7 +220,7 @@ def test_paper_recipe_for_real_checkpoints_and_tiny_recipe_for_the_tiny_model(mo
     adapter = open_model("tiny", small_bench)
     log = unlearn(adapter, small_bench, UnlearnConfig(method="siu", forget_set="forget15", steps=1,
                                                       method_options=fast), tmp_path / "a", progress=False)
-    assert log["recipe"] == "tiny" and log["config"]["lora"] is None and log["config"]["lr"] == 4e-4
+    assert log["recipe"] == "tiny" and log["config"]["lora"] is None and log["config"]["lr"] == SIU.defaults["lr"]
     monkeypatch.setattr(recipes, "TINY_BELOW", 0)  # the tiny model now counts as a real checkpoint
     adapter = open_model("tiny", small_bench)
     log = unlearn(adapter, small_bench, UnlearnConfig(method="siu", forget_set="forget15", steps=1,
