@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmunlearn import config as C
 from mmunlearn.commands import benchmark_corpus
@@ -219,6 +223,32 @@ def test_mmunlearner_second_epoch(world, tmp_path: Path) -> None:
     retain_steps = sum(h["kind"] == "retain" for h in log["history"])
     assert retain_steps == 2 * (log["retain_examples"] // 16)
     assert sum(h["kind"] == "forget" for h in log["history"]) >= 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(forget=st.integers(1, 400), ratio=st.floats(0.05, 40), passes=st.floats(0.5, 8))
+def test_mmunlearner_forget_passes_give_every_forget_batch_that_many_ascent_steps(forget, ratio, passes) -> None:
+    """interval 0: k = max(1, ⌊#retain / (#forget × forget_passes)⌋) retain iterations per forget step, so an epoch
+    has at least forget_passes × #forget forget steps (all retain iterations where there are fewer), and at most
+    twice that plus one; forget_passes 1 is the official k = ⌊#retain / #forget⌋."""
+    retain = max(1, round(forget * ratio))
+    ctx = SimpleNamespace(n_retain_batches=retain, n_forget_batches=forget)
+    method = MMUnlearner(MMUnlearnerOptions(interval=0, forget_passes=passes))
+    steps = sum(s.forget for s in method.schedule(ctx, None, 1.0))
+    if retain >= passes * forget:
+        assert passes * forget <= steps <= 2 * passes * forget + 1
+    else:
+        assert steps == retain  # a forget step at every retain iteration
+    official = MMUnlearner(MMUnlearnerOptions(interval=0))
+    assert sum(s.forget for s in official.schedule(ctx, None, 1.0)) == math.ceil(retain / max(1, retain // forget))
+
+
+def test_forget_passes_must_be_positive_and_apply_only_without_an_interval() -> None:
+    with pytest.raises(ConfigError, match="forget_passes"):
+        MMUnlearnerOptions(forget_passes=0)
+    ctx = SimpleNamespace(n_retain_batches=90, n_forget_batches=10)
+    fixed = MMUnlearner(MMUnlearnerOptions(interval=3, forget_passes=4.0)).schedule(ctx, None, 1.0)
+    assert sum(s.forget for s in fixed) == 30  # k = 3 whatever forget_passes says
 
 
 def test_siu_data_file_targets_and_token_mask(world, tmp_path: Path) -> None:
