@@ -104,7 +104,7 @@ def defaults() -> dict:
 # too small for that, so its oracle trains beside it, one thread each.
 THREAD_SCALING = {"tiny": False, "smol": True}
 # Unlearning runs that take longest, in that order, started first so that the short ones fill the other worker
-# (tiny demo: MMUnlearner 33 s and SIU 30 s against at most 2.2 s for the others; smol, seed 1: MMUnlearner
+# (tiny demo: MMUnlearner 60 s and SIU 29 s against at most 2.2 s for the others; smol, seed 1: MMUnlearner
 # 206 s, SIU 69 s, the others 22-41 s)
 LONGEST_FIRST = ("mmunlearner", "siu")
 
